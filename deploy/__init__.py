@@ -1,0 +1,1 @@
+"""The composition root: settings, the tally command, bringing up Kafka and ClickHouse."""

@@ -1,0 +1,149 @@
+"""The `tally` command."""
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from deploy.settings import Settings, SettingsError, load_settings
+
+
+def _run(settings: Settings, args: argparse.Namespace) -> int:
+    from deploy.run import run_pipeline
+
+    summary = run_pipeline(settings)
+    print()
+    print("Logins per hour, read back from ClickHouse:")
+    print(summary.report)
+    print()
+    first = f"{summary.seconds_to_first_row:.1f} s" if summary.seconds_to_first_row else "never"
+    print(
+        f"{summary.events_sent} events sent, {summary.rows_written} rows written; "
+        f"first row after {first}, whole run {summary.seconds_total:.1f} s"
+    )
+    return 0 if summary.rows_written >= summary.events_sent else 1
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    import faust
+
+    from deploy.wiring import build_lookups, stream_config
+    from streams.app import create_app
+
+    if not settings.kafka_bootstrap:
+        raise SettingsError("TALLY_KAFKA_BOOTSTRAP: the worker needs a Kafka cluster")
+    app = create_app(stream_config(settings, settings.kafka_bootstrap), build_lookups(settings))
+    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
+    worker.execute_from_commandline()
+    return 0
+
+
+def _kafka(settings: Settings, args: argparse.Namespace) -> int:
+    from deploy.kafka import ensure_topics, start_kafka, stop_kafka
+    from deploy.wiring import kafka_jars_dir, topic_specs
+
+    state = settings.state_dir / "kafka"
+    if args.action == "stop":
+        print("stopped" if stop_kafka(state) else "not running")
+        return 0
+    broker = start_kafka(
+        state,
+        kafka_jars_dir(settings),
+        port=settings.kafka_port,
+        controller_port=settings.kafka_controller_port,
+    )
+    ensure_topics(broker.bootstrap, topic_specs(settings))
+    print(f"Kafka at {broker.bootstrap} (pid {broker.pid}, log {broker.log_path})")
+    return 0
+
+
+def _clickhouse(settings: Settings, args: argparse.Namespace) -> int:
+    from deploy.clickhouse import start_clickhouse_server, stop_clickhouse_server
+
+    state = settings.state_dir / "clickhouse-server"
+    if args.action == "stop":
+        print("stopped" if stop_clickhouse_server(state) else "not running")
+        return 0
+    server = start_clickhouse_server(state, tcp_port=settings.clickhouse_port)
+    print(f"ClickHouse server at {server.host}:{server.tcp_port} (log {server.log_path})")
+    return 0
+
+
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from deploy.wiring import open_backend
+    from sinks.migrations import apply_migrations
+
+    backend = open_backend(settings)
+    try:
+        applied = apply_migrations(backend)
+    finally:
+        backend.close()
+    print(f"applied migrations: {applied or 'none (up to date)'}")
+    return 0
+
+
+def _report(settings: Settings, args: argparse.Namespace) -> int:
+    from deploy.wiring import open_backend
+    from sinks.report import format_logins_per_hour, logins_per_hour
+
+    backend = open_backend(settings)
+    try:
+        print(format_logins_per_hour(logins_per_hour(backend)))
+    finally:
+        backend.close()
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tally", description="Privacy-first service-quality telemetry."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="the whole pipeline on a synthetic workload, then a report")
+    run.add_argument("--events", type=int, dest="workload_events")
+    run.add_argument("--clients", type=int, dest="workload_clients")
+    run.add_argument("--duration", type=float, dest="workload_duration_s", metavar="SECONDS")
+    run.add_argument("--seed", type=int, dest="workload_seed")
+    run.set_defaults(handler=_run)
+    sub.add_parser("worker", help="the Faust stream worker").set_defaults(handler=_worker)
+    for name, handler in (("kafka", _kafka), ("clickhouse", _clickhouse)):
+        service = sub.add_parser(name, help=f"start or stop the local {name} service")
+        service.add_argument("action", choices=("start", "stop"))
+        service.set_defaults(handler=handler)
+    sub.add_parser("migrate", help="apply ClickHouse migrations").set_defaults(handler=_migrate)
+    sub.add_parser("report", help="print aggregates from ClickHouse").set_defaults(handler=_report)
+    return parser
+
+
+_OVERRIDES = ("workload_events", "workload_clients", "workload_duration_s", "workload_seed")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "worker":
+        sys.argv = [sys.argv[0], "worker"]  # faust.Worker parses argv itself
+    overrides: dict[str, Any] = {k: getattr(args, k, None) for k in _OVERRIDES}
+    try:
+        settings = load_settings(os.environ, overrides)
+    except SettingsError as err:
+        print(f"tally: invalid configuration: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if settings.log_level != "DEBUG":
+        logging.getLogger("kafka").setLevel(logging.WARNING)  # one line per connection, else
+    try:
+        return int(args.handler(settings, args))
+    except SettingsError as err:
+        print(f"tally: invalid configuration: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tally: interrupted; everything started was stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

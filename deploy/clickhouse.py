@@ -1,0 +1,394 @@
+"""Start and stop Debian's ClickHouse server (18.16) for development and CI.
+
+Everything the server writes (data, tmp, user files, format schemas, logs, pid file, rendered
+configs) lives under one state folder, so a checkout owns its server and can throw it away.
+The server listens on 127.0.0.1 only and runs in UTC. Running it as root needs nothing extra
+on 18.16: the check that the data's owner matches the effective user arrived in later releases.
+
+Layout of a state folder::
+
+    config.xml, users.xml        rendered from deploy/clickhouse/
+    clickhouse-server.pid        pid of the server (also the id of its process group)
+    data/ tmp/ user_files/ format_schemas/
+    log/clickhouse-server.log, log/clickhouse-server.err.log, log/stdout.log
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+from xml.sax.saxutils import escape
+
+from clickhouse_driver import Client
+from clickhouse_driver.errors import Error as DriverError
+
+HOST = "127.0.0.1"
+_TEMPLATES = Path(__file__).resolve().parent / "clickhouse"
+# Debian installs the server in /usr/sbin, which is not on every user's PATH.
+_EXTRA_BIN_DIRS = ("/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin")
+_POLL_INTERVAL_S = 0.1
+_KILL_GRACE_S = 10.0
+_LOG_TAIL_LINES = 5
+
+# Popen objects of servers this process started, kept so their exit can be reaped (no zombies).
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+class ClickHouseStartError(RuntimeError):
+    """The server could not be started or did not become ready; the message names the log."""
+
+
+class ClickHouseStopError(RuntimeError):
+    """The server's processes survived SIGKILL (for instance stuck in uninterruptible I/O)."""
+
+
+@dataclass(frozen=True)
+class ClickHouseServer:
+    """A running server: where to reach it, and its pid (also its process-group id)."""
+
+    host: str
+    tcp_port: int
+    http_port: int
+    pid: int
+    log_path: Path
+
+
+@dataclass(frozen=True)
+class _Layout:
+    state_dir: Path
+
+    @property
+    def config(self) -> Path:
+        return self.state_dir / "config.xml"
+
+    @property
+    def users(self) -> Path:
+        return self.state_dir / "users.xml"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state_dir / "clickhouse-server.pid"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.state_dir / ".lock"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "log"
+
+    @property
+    def server_log(self) -> Path:
+        return self.log_dir / "clickhouse-server.log"
+
+    @property
+    def error_log(self) -> Path:
+        return self.log_dir / "clickhouse-server.err.log"
+
+    @property
+    def stdout_log(self) -> Path:
+        return self.log_dir / "stdout.log"
+
+    def directories(self) -> dict[str, Path]:
+        return {
+            "data_dir": self.state_dir / "data",
+            "tmp_dir": self.state_dir / "tmp",
+            "user_files_dir": self.state_dir / "user_files",
+            "format_schemas_dir": self.state_dir / "format_schemas",
+            "log_dir": self.log_dir,
+        }
+
+
+def find_clickhouse_server_command() -> list[str]:
+    """Return the argv prefix that runs the server: `clickhouse-server` or `clickhouse server`.
+
+    Raises ClickHouseStartError, saying what to install, when neither is present.
+    """
+    search_path = os.pathsep.join([os.environ.get("PATH", ""), *_EXTRA_BIN_DIRS])
+    for name, *args in (("clickhouse-server",), ("clickhouse", "server")):
+        found = shutil.which(name, path=search_path)
+        if found is not None:
+            return [found, *args]
+    raise ClickHouseStartError(
+        "clickhouse-server not found (looked on PATH and in /usr/sbin, /usr/bin); "
+        "install it with `apt-get install clickhouse-server`"
+    )
+
+
+def running_clickhouse_server(state_dir: Path) -> ClickHouseServer | None:
+    """Return the server started from state_dir if it is alive and answers `SELECT 1`."""
+    layout = _Layout(state_dir.resolve())
+    return _running(layout)
+
+
+def start_clickhouse_server(
+    state_dir: Path,
+    *,
+    tcp_port: int = 19000,
+    http_port: int = 18123,
+    timeout_s: float = 60.0,
+) -> ClickHouseServer:
+    """Start a server whose files all live under state_dir, or reuse the one already there.
+
+    Idempotent: a live server started from state_dir is returned as is (same pid); one still
+    starting is waited for. Blocks until the server answers `SELECT 1` on the native port, at
+    most timeout_s. The server runs detached in its own process group and outlives this
+    process; stop it with stop_clickhouse_server. Raises ClickHouseStartError (one line naming
+    the log) if the binary is missing, a port is taken, the server exits early or times out;
+    a server that did not come up is killed, never left behind.
+    """
+    for port in (tcp_port, http_port):
+        if not 0 < port < 65536:
+            raise ValueError(f"port out of range: {port}")
+    layout = _Layout(state_dir.resolve())
+    layout.state_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(layout):
+        pid = _read_pid(layout)
+        if pid is not None and _is_alive(pid, layout):
+            ports = _configured_ports(layout)
+            if ports != (tcp_port, http_port):
+                raise ClickHouseStartError(
+                    f"a ClickHouse server from {layout.state_dir} already runs on ports "
+                    f"{ports} (tcp, http), not {(tcp_port, http_port)}; stop it first"
+                )
+            _wait_ready(pid, layout, tcp_port, time.monotonic() + timeout_s, started=False)
+            return _server(pid, layout, tcp_port, http_port)
+        layout.pid_file.unlink(missing_ok=True)
+        command = find_clickhouse_server_command()
+        for port in (tcp_port, http_port):
+            if _port_in_use(port):
+                raise ClickHouseStartError(
+                    f"port {port} on {HOST} is already in use by another process; "
+                    "stop it or choose other ports"
+                )
+        _render_config(layout, tcp_port, http_port)
+        pid = _spawn(command, layout)
+        _wait_ready(pid, layout, tcp_port, time.monotonic() + timeout_s, started=True)
+        return _server(pid, layout, tcp_port, http_port)
+
+
+def stop_clickhouse_server(state_dir: Path, timeout_s: float = 30.0) -> bool:
+    """Stop the server started from state_dir; return whether one was running.
+
+    Sends SIGTERM to the server's process group, waits up to timeout_s for a clean shutdown,
+    then SIGKILLs the group. Returns once the server has exited, after SIGKILLing anything
+    else left in its group. Raises ClickHouseStopError if the server survives SIGKILL.
+    """
+    layout = _Layout(state_dir.resolve())
+    if not layout.state_dir.is_dir():
+        return False
+    with _locked(layout):
+        pid = _read_pid(layout)
+        if pid is None:
+            return False
+        if not _is_alive(pid, layout):
+            layout.pid_file.unlink(missing_ok=True)
+            return False
+        _terminate(pid, layout, timeout_s)
+        layout.pid_file.unlink(missing_ok=True)
+        return True
+
+
+def _running(layout: _Layout) -> ClickHouseServer | None:
+    pid = _read_pid(layout)
+    if pid is None or not _is_alive(pid, layout):
+        return None
+    tcp_port, http_port = _configured_ports(layout)
+    if not _answers(tcp_port):
+        return None
+    return _server(pid, layout, tcp_port, http_port)
+
+
+def _server(pid: int, layout: _Layout, tcp_port: int, http_port: int) -> ClickHouseServer:
+    return ClickHouseServer(HOST, tcp_port, http_port, pid, layout.server_log)
+
+
+@contextlib.contextmanager
+def _locked(layout: _Layout) -> Iterator[None]:
+    """Serialize start and stop across processes (pytest workers, a CLI) on one state folder."""
+    with layout.lock_file.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _render_config(layout: _Layout, tcp_port: int, http_port: int) -> None:
+    dirs = layout.directories()
+    for directory in dirs.values():
+        directory.mkdir(parents=True, exist_ok=True)
+    values = {name: escape(str(path)) for name, path in dirs.items()}
+    values |= {
+        "host": HOST,
+        "tcp_port": str(tcp_port),
+        "http_port": str(http_port),
+        "users_config": escape(str(layout.users)),
+    }
+    template = Template((_TEMPLATES / "config.xml").read_text(encoding="utf-8"))
+    _write_atomically(layout.config, template.substitute(values))
+    _write_atomically(layout.users, (_TEMPLATES / "users.xml").read_text(encoding="utf-8"))
+
+
+def _configured_ports(layout: _Layout) -> tuple[int, int]:
+    root = ElementTree.parse(layout.config).getroot()
+    return int(root.findtext("tcp_port", "0")), int(root.findtext("http_port", "0"))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(text, encoding="utf-8")
+    staging.replace(path)
+
+
+def _spawn(command: list[str], layout: _Layout) -> int:
+    env = {**os.environ, "TZ": "UTC"}
+    with layout.stdout_log.open("ab") as log:
+        process = subprocess.Popen(
+            [*command, f"--config-file={layout.config}"],
+            cwd=layout.state_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    _children[process.pid] = process
+    _write_atomically(layout.pid_file, f"{process.pid}\n")
+    return process.pid
+
+
+def _wait_ready(
+    pid: int, layout: _Layout, tcp_port: int, deadline: float, *, started: bool
+) -> None:
+    """Poll `SELECT 1` until the server answers; on failure kill what this call started."""
+    while True:
+        if not _is_alive(pid, layout):
+            layout.pid_file.unlink(missing_ok=True)
+            if started:
+                _signal(pid, pid, signal.SIGKILL)
+            code = _children.pop(pid).returncode if pid in _children else None
+            status = "" if code is None else f" with code {code}"
+            raise ClickHouseStartError(
+                f"clickhouse-server exited during start-up{status}; see {layout.error_log} "
+                f"and {layout.stdout_log}{_log_tail(layout)}"
+            )
+        if _answers(tcp_port):
+            return
+        if time.monotonic() >= deadline:
+            if started:
+                _terminate(pid, layout, _KILL_GRACE_S)
+                layout.pid_file.unlink(missing_ok=True)
+            raise ClickHouseStartError(
+                f"clickhouse-server did not answer on {HOST}:{tcp_port} in time; "
+                f"see {layout.error_log}{_log_tail(layout)}"
+            )
+        time.sleep(_POLL_INTERVAL_S)
+
+
+def _answers(tcp_port: int) -> bool:
+    # A bare connect first: the driver logs a traceback for every refused connection.
+    if not _port_in_use(tcp_port):
+        return False
+    client = Client(
+        HOST, port=tcp_port, connect_timeout=1, send_receive_timeout=5, sync_request_timeout=1
+    )
+    try:
+        return bool(client.execute("SELECT 1") == [(1,)])
+    except (DriverError, OSError, EOFError):
+        return False
+    finally:
+        client.disconnect()
+
+
+def _port_in_use(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _read_pid(layout: _Layout) -> int | None:
+    try:
+        return int(layout.pid_file.read_text(encoding="utf-8").strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _is_alive(pid: int, layout: _Layout) -> bool:
+    """Whether pid is a live (not zombie) server started with this state folder's config.
+
+    Checking the command line guards against a stale pid file whose pid was reused.
+    """
+    child = _children.get(pid)
+    if child is not None:
+        # Right after fork the child's /proc entry still shows this interpreter's argv.
+        return child.poll() is None
+    proc = Path("/proc") / str(pid)
+    try:
+        stat = (proc / "stat").read_text(encoding="utf-8", errors="replace")
+        argv = (proc / "cmdline").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    state = stat.rpartition(")")[2].split()[0]
+    return state not in ("Z", "X") and f"--config-file={layout.config}".encode() in argv
+
+
+def _terminate(pid: int, layout: _Layout, timeout_s: float) -> None:
+    """SIGTERM the server's group, escalate to SIGKILL, and sweep the group."""
+    try:
+        group = os.getpgid(pid)
+    except ProcessLookupError:
+        group = pid
+    _signal(pid, group, signal.SIGTERM)
+    if not _wait_gone(pid, layout, time.monotonic() + timeout_s):
+        _signal(pid, group, signal.SIGKILL)
+        if not _wait_gone(pid, layout, time.monotonic() + _KILL_GRACE_S):
+            raise ClickHouseStopError(f"clickhouse-server (pid {pid}) survived SIGKILL")
+    # The server forks nothing of its own, but anything it left in its group goes too.
+    if group == pid:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+    child = _children.pop(pid, None)
+    if child is not None:
+        child.wait()
+
+
+def _signal(pid: int, group: int, signum: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        if group == pid:
+            os.killpg(group, signum)
+        else:
+            os.kill(pid, signum)
+
+
+def _wait_gone(pid: int, layout: _Layout, deadline: float) -> bool:
+    while _is_alive(pid, layout):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_POLL_INTERVAL_S)
+    return True
+
+
+def _log_tail(layout: _Layout) -> str:
+    for log in (layout.error_log, layout.stdout_log):
+        try:
+            lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+        except FileNotFoundError:
+            continue
+        if lines:
+            tail = "\n  ".join(line[:300] for line in lines[-_LOG_TAIL_LINES:])
+            return f"\n  last lines of {log.name}:\n  {tail}"
+    return ""

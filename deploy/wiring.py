@@ -1,0 +1,75 @@
+"""The composition root: turns settings into the parts each stage takes, and nothing else."""
+
+from pathlib import Path
+
+from deploy.kafka import TopicSpec
+from deploy.settings import Settings
+from schemas import topics
+from schemas.topics import TopicNames
+from sinks.backends import ClickHouseBackend, EmbeddedClickHouse, ServerClickHouse
+from sinks.consumer import SinkConfig
+from streams.app import StreamConfig
+from streams.enrich import GeoLookup, Lookups
+from streams.pseudonymize import Pseudonymizer
+
+
+def topic_names(settings: Settings) -> TopicNames:
+    return TopicNames(settings.topic_namespace)
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    """The topics Tally declares, with partitions and retention (schemas.topics)."""
+    names = topic_names(settings)
+    raw_retention = int(settings.raw_retention_hours * topics.HOUR_MS)
+    return [
+        TopicSpec(names.raw, settings.raw_partitions, raw_retention),
+        TopicSpec(names.enriched, settings.raw_partitions, topics.ENRICHED_RETENTION_MS),
+        TopicSpec(names.dead, 1, topics.DEAD_RETENTION_MS),
+    ]
+
+
+def kafka_jars_dir(settings: Settings) -> Path:
+    return settings.kafka_jars_dir or settings.state_dir / "kafka-jars"
+
+
+def open_backend(settings: Settings) -> ClickHouseBackend:
+    """The configured ClickHouse: embedded under the state folder, or a server."""
+    if settings.clickhouse_backend == "server":
+        return ServerClickHouse(
+            settings.clickhouse_host,
+            settings.clickhouse_port,
+            user=settings.clickhouse_user,
+            password=settings.clickhouse_password.reveal(),
+            database=settings.clickhouse_database,
+        )
+    return EmbeddedClickHouse(settings.state_dir / "clickhouse", settings.clickhouse_database)
+
+
+def build_lookups(settings: Settings) -> Lookups:
+    key = settings.hmac_keys()[0]
+    pseudonymizer = Pseudonymizer(key)
+    geo = GeoLookup(settings.geoip_path)
+    return Lookups(
+        pseudonymize_id=pseudonymizer.pseudonymize_id, key_id=key.key_id, locate=geo.locate
+    )
+
+
+def stream_config(settings: Settings, bootstrap: str) -> StreamConfig:
+    return StreamConfig(
+        bootstrap=bootstrap,
+        topics=topic_names(settings),
+        app_id=f"{settings.topic_namespace}tally-streams",
+        batch_size=settings.stream_batch_size,
+        session_timeout_s=settings.session_timeout_s,
+        state_dir=str(settings.state_dir / "faust"),
+    )
+
+
+def sink_config(settings: Settings, bootstrap: str) -> SinkConfig:
+    return SinkConfig(
+        bootstrap=bootstrap,
+        topics=topic_names(settings),
+        group_id=f"{settings.topic_namespace}tally-sink-{settings.clickhouse_backend}",
+        batch_size=settings.sink_batch_size,
+        batch_interval_s=settings.sink_batch_interval_s,
+    )

@@ -1,0 +1,1 @@
+"""What emits events: the Python SDK and the synthetic workload."""

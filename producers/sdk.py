@@ -1,0 +1,57 @@
+"""The Python SDK: what a desktop client links to emit events to Tally over Kafka.
+
+It enforces the user's consent before anything leaves the client (privacy statement,
+"Control your Personal Information"), stamps the send time, and refuses what the schema
+would refuse, so an application bug fails loudly on the client, not silently downstream.
+"""
+
+import time
+from typing import Any
+
+from kafka import KafkaProducer
+
+from schemas.consent import Consent
+from schemas.events import Envelope
+from schemas.topics import TopicNames
+from schemas.validation import decode_event, encode_event
+
+
+def apply_consent(event: Envelope) -> Envelope:
+    """The event as the user's consent lets it leave the client.
+
+    With ``none`` the user id and referrer stay on the client. A session id, where the type
+    requires one, is a random per-call id; it still leaves, and the stream step drops it.
+    """
+    if Consent(event.consent) is Consent.NONE:
+        return event.model_copy(update={"user_id": None, "referrer": None})
+    return event
+
+
+def prepare_event(event: Envelope, now_ms: int) -> bytes:
+    """Consent applied, send time stamped, validated exactly as the stream step will."""
+    event = apply_consent(event).model_copy(update={"collector_time_ms": now_ms})
+    raw = encode_event(event)
+    decode_event(raw, received_ms=now_ms)
+    return raw
+
+
+class TallyProducer:
+    """Sends events to the raw topic with kafka-python. ``flush`` blocks until all are acked."""
+
+    def __init__(self, bootstrap: str, topics: TopicNames, **kafka_options: Any) -> None:
+        self.topic = topics.raw
+        self._producer = KafkaProducer(
+            bootstrap_servers=bootstrap, acks="all", linger_ms=5, **kafka_options
+        )
+
+    def emit(self, event: Envelope) -> None:
+        """Queue one event; raises ``InvalidEvent`` if it breaks the schema or the consent."""
+        raw = prepare_event(event, int(time.time() * 1000))
+        key = (event.session_id or event.user_id or event.event_id).encode()
+        self._producer.send(self.topic, value=raw, key=key)
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        self._producer.flush(timeout=timeout_s)
+
+    def close(self) -> None:
+        self._producer.close()

@@ -1,0 +1,156 @@
+"""A seeded synthetic workload of chat clients, for `tally run`, tests and benchmarks.
+
+The same seed gives the same events, byte for byte, whatever the machine.
+"""
+
+import random
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from schemas.events import (
+    ClientInfoV1,
+    Envelope,
+    LoginV1,
+    LogoutV1,
+    QualitySampleV1,
+    SessionEndV1,
+    SessionStartV1,
+)
+
+USER_AGENTS = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/120.0.0.0 Safari/537.36",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+    "Version/17.1 Safari/605.1.15",
+    "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 "
+    "(KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1",
+    "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/120.0.0.0 Mobile Safari/537.36",
+    "Mozilla/5.0 (iPad; CPU OS 16_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+    "Version/16.6 Mobile/15E148 Safari/604.1",
+)
+PUBLIC_IPS = (
+    "81.2.69.160", "8.8.8.8", "1.1.1.1", "5.9.0.1", "185.60.216.35", "133.11.0.1",
+    "41.0.0.1", "195.154.0.1", "91.198.174.192", "190.0.0.1", "2a00:1450:4001:82a::200e",
+)  # fmt: skip
+REFERRERS = (
+    None, None, "https://www.example.org/blog/post?id=7", "https://news.example.com/a/b",
+    "https://search.example.net/?q=video+chat",
+)  # fmt: skip
+VERSIONS = ("4.2.1", "4.2.0", "4.1.7", "4.3.0-beta.2")
+PLATFORMS = ("windows", "macos", "linux", "ios", "android", "ios")
+
+
+@dataclass(frozen=True)
+class Client:
+    """One simulated installation: what it runs on, where it is, what its user allows."""
+
+    user_id: str
+    user_agent: str
+    platform: str
+    ip: str
+    referrer: str | None
+    version: str
+    consent: str
+
+
+def make_clients(rng: random.Random, count: int) -> list[Client]:
+    clients = []
+    for n in range(count):
+        ua = rng.randrange(len(USER_AGENTS))
+        consent = rng.choices(("full", "anonymous", "none"), weights=(80, 15, 5))[0]
+        clients.append(
+            Client(
+                user_id=f"user-{n:05d}",
+                user_agent=USER_AGENTS[ua],
+                platform=PLATFORMS[ua],
+                ip=rng.choice(PUBLIC_IPS),
+                referrer=rng.choice(REFERRERS),
+                version=rng.choice(VERSIONS),
+                consent=consent,
+            )
+        )
+    return clients
+
+
+def _client_events(rng: random.Random, client: Client, start_ms: int) -> Iterator[Envelope]:
+    """One client's visit: start-up, login (sometimes failing first), calls, logout."""
+    envelope = {
+        "schema_version": 1,
+        "app_id": "conferendo.desktop",
+        "channel": "beta" if "beta" in client.version else "stable",
+        "software_version": client.version,
+        "consent": client.consent,
+        "user_id": None if client.consent == "none" else client.user_id,
+        "user_agent": client.user_agent,
+        "ip": client.ip,
+        "referrer": None if client.consent == "none" else client.referrer,
+    }
+
+    def make(model: type[Envelope], at_ms: int, **fields: Any) -> Envelope:
+        event_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        return model.model_validate(
+            {**envelope, "event_id": event_id, "client_time_ms": at_ms, **fields}
+        )
+
+    t = start_ms
+    yield make(ClientInfoV1, t, event_type="client_info", platform=client.platform,
+               screen_class=rng.choice(("medium", "large", "xlarge")))  # fmt: skip
+    if rng.random() < 0.12:
+        t += rng.randrange(2_000, 30_000)
+        yield make(LoginV1, t, event_type="login", outcome="failure", auth_method="password",
+                   failure_reason=rng.choice(("bad_credentials", "mfa_failed", "network_error",
+                                              "locked")))  # fmt: skip
+    t += rng.randrange(2_000, 30_000)
+    yield make(LoginV1, t, event_type="login", outcome="success",
+               auth_method=rng.choice(("password", "sso", "token")))  # fmt: skip
+    for _ in range(rng.randrange(0, 3)):
+        session_id = f"s-{rng.getrandbits(48):012x}"
+        kind = rng.choices(("video", "audio", "text"), weights=(60, 25, 15))[0]
+        t += rng.randrange(5_000, 120_000)
+        started = t
+        yield make(SessionStartV1, t, event_type="session_start", session_id=session_id,
+                   session_kind=kind,
+                   participants_bucket=rng.choice(("2", "3-5", "6-10", "11+")))  # fmt: skip
+        base_rtt = rng.uniform(20, 180)
+        for _ in range(rng.randrange(1, 5)):
+            t += 10_000
+            yield make(
+                QualitySampleV1, t, event_type="quality_sample", session_id=session_id,
+                rtt_ms=round(base_rtt * rng.uniform(0.8, 1.5), 1),
+                jitter_ms=round(rng.uniform(1, 30), 1),
+                packet_loss_pct=round(min(100.0, rng.expovariate(1.5)), 2),
+                bitrate_kbps=round(rng.uniform(300, 2500) if kind == "video" else 48.0, 0),
+                frame_rate=30.0 if kind == "video" else None,
+                resolution_class=rng.choice(("360p", "720p", "1080p")) if kind == "video" else None,
+                network_type=rng.choice(("wifi", "ethernet", "cellular")),
+            )  # fmt: skip
+        t += rng.randrange(5_000, 600_000)
+        dropped = rng.random() < 0.06
+        yield make(SessionEndV1, t, event_type="session_end", session_id=session_id,
+                   end_reason="dropped" if dropped else "normal",
+                   error_code="ICE_TIMEOUT" if dropped else None,
+                   duration_ms=t - started)  # fmt: skip
+    t += rng.randrange(5_000, 60_000)
+    yield make(LogoutV1, t, event_type="logout",
+               logout_reason=rng.choice(("user", "user", "timeout")))  # fmt: skip
+
+
+def generate_workload(
+    *, seed: int, clients: int, events: int, end_ms: int, span_ms: int
+) -> list[Envelope]:
+    """About ``events`` events from ``clients`` clients, with client times spread over the
+    ``span_ms`` before ``end_ms``, in client-time order."""
+    rng = random.Random(seed)
+    population = make_clients(rng, clients)
+    out: list[Envelope] = []
+    while len(out) < events:
+        client = rng.choice(population)
+        start = end_ms - span_ms + rng.randrange(span_ms)
+        out.extend(e for e in _client_events(rng, client, start) if e.client_time_ms <= end_ms)
+    out = out[:events]
+    out.sort(key=lambda e: e.client_time_ms)
+    return out

@@ -1,0 +1,36 @@
+"""Write the JSON Schema files that SDK authors in other languages build against.
+
+Run ``python -m schemas.export``; tests/unit/test_schemas_export.py fails when the committed
+files differ from the declarations.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+from schemas.events import EVENT_MODELS
+
+JSONSCHEMA_DIR = Path(__file__).parent / "jsonschema"
+
+
+def render_json_schemas() -> dict[str, str]:
+    """File name -> JSON text, one file per (event type, version)."""
+    files: dict[str, str] = {}
+    for (event_type, version), model in sorted(EVENT_MODELS.items()):
+        schema: dict[str, Any] = {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": f"tally/{event_type}/v{version}.json",
+            **model.model_json_schema(),
+        }
+        files[f"{event_type}.v{version}.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+    return files
+
+
+def main() -> None:
+    JSONSCHEMA_DIR.mkdir(exist_ok=True)
+    for name, text in render_json_schemas().items():
+        (JSONSCHEMA_DIR / name).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

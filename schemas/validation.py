@@ -1,0 +1,107 @@
+"""Decode and validate one encoded event, or say why not with exactly one reason code.
+
+Nothing here ever puts a rejected value into an exception, a log line or a reason: an
+``InvalidEvent`` names the reason and, at most, a declared field name. Pydantic's own errors
+(which quote the input) are caught and dropped, and refusals are raised outside the
+handler so that not even ``__context__`` holds them.
+"""
+
+from typing import Any, Final
+
+import orjson
+from pydantic import ValidationError
+
+from schemas.events import ALL_FIELD_NAMES, EVENT_MODELS, EVENT_TYPES, MAX_EVENT_BYTES, Envelope
+from schemas.reasons import ReasonCode
+
+MAX_FUTURE_SKEW_MS: Final = 5 * 60_000
+"""How far ahead of its receipt a client clock may run."""
+MAX_DELAY_MS: Final = 7 * 24 * 3_600_000
+"""How long a client may hold an event (offline) before sending it."""
+
+_TEXT_EXEMPT: Final = frozenset({"user_agent"})
+"""Fields whose values legitimately have many words; parsed and discarded at the stream step."""
+_MAX_WORDS: Final = 3
+
+
+class InvalidEvent(ValueError):
+    """An event refused with one reason code; carries no part of the event's values."""
+
+    def __init__(self, reason: ReasonCode, field: str | None = None) -> None:
+        self.reason = reason
+        self.field = field if field in ALL_FIELD_NAMES else None
+        super().__init__(f"{reason.value} ({self.field})" if self.field else reason.value)
+
+
+def looks_like_text(value: str) -> bool:
+    """Whether a string reads like words someone typed (chat content), not a code or id."""
+    return len(value.split(None, _MAX_WORDS)) > _MAX_WORDS
+
+
+def _first_forbidden_content(obj: dict[str, Any]) -> str | None:
+    """The first key that is outside the allowlist or holds text; '' when the key itself is."""
+    stack: list[tuple[str | None, Any]] = [(k, v) for k, v in obj.items()]
+    while stack:
+        key, value = stack.pop()
+        if key is not None and key not in ALL_FIELD_NAMES:
+            return ""
+        if isinstance(value, str):
+            if key not in _TEXT_EXEMPT and looks_like_text(value):
+                return key or ""
+        elif isinstance(value, dict):
+            stack.extend((k if isinstance(k, str) else "", v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((key, v) for v in value)
+    return None
+
+
+def decode_event(raw: bytes, *, received_ms: int | None) -> Envelope:
+    """Decode one JSON event and validate it against its declared (type, version).
+
+    Clock skew is judged against the event's collector time, else ``received_ms`` (the
+    Kafka timestamp), so a replay long after the fact judges it as it was judged live; with
+    neither, the clock is not checked. Raises ``InvalidEvent`` and nothing else.
+    """
+    if len(raw) > MAX_EVENT_BYTES:
+        raise InvalidEvent(ReasonCode.TOO_LARGE)
+    try:
+        obj = orjson.loads(raw)
+    except (orjson.JSONDecodeError, RecursionError):
+        obj = None  # raised below, outside the handler, so no exception context holds input
+    if not isinstance(obj, dict):
+        raise InvalidEvent(ReasonCode.MALFORMED_JSON)
+    forbidden = _first_forbidden_content(obj)
+    if forbidden is not None:
+        raise InvalidEvent(ReasonCode.CONTENT_FORBIDDEN, forbidden or None)
+    event_type = obj.get("event_type")
+    if not isinstance(event_type, str) or event_type not in EVENT_TYPES:
+        raise InvalidEvent(ReasonCode.UNKNOWN_EVENT_TYPE, "event_type")
+    version = obj.get("schema_version")
+    if type(version) is not int:
+        raise InvalidEvent(ReasonCode.INVALID_FIELD, "schema_version")
+    model = EVENT_MODELS.get((event_type, version))
+    if model is None:
+        raise InvalidEvent(ReasonCode.UNSUPPORTED_VERSION, "schema_version")
+    refusal: InvalidEvent | None = None
+    try:
+        event = model.model_validate(obj)
+    except ValidationError as err:
+        errors = err.errors(include_url=False, include_input=False, include_context=False)
+        if any(e["type"] == "extra_forbidden" for e in errors):
+            refusal = InvalidEvent(ReasonCode.CONTENT_FORBIDDEN)
+        else:
+            loc = errors[0]["loc"] if errors else ()
+            refusal = InvalidEvent(ReasonCode.INVALID_FIELD, str(loc[0]) if loc else None)
+    if refusal is not None:
+        raise refusal  # outside the handler: pydantic's error, which quotes input, is gone
+    received_ms = event.collector_time_ms or received_ms
+    if received_ms is not None:
+        ahead = event.client_time_ms - received_ms
+        if ahead > MAX_FUTURE_SKEW_MS or -ahead > MAX_DELAY_MS:
+            raise InvalidEvent(ReasonCode.CLOCK_SKEW, "client_time_ms")
+    return event
+
+
+def encode_event(event: Envelope) -> bytes:
+    """The wire form of an event: compact JSON without unset optional fields."""
+    return orjson.dumps(event.model_dump(exclude_none=True))

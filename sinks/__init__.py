@@ -1,0 +1,1 @@
+"""ClickHouse: backends, migrations, writer, sink loop, report queries."""

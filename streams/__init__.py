@@ -1,0 +1,1 @@
+"""The Faust stream step: validate, enrich, pseudonymize, dead-letter."""

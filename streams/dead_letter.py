@@ -1,0 +1,33 @@
+"""Dead letters: what is kept of a refused event, which is only why and where it came from.
+
+A dead letter never holds a value of the event: no content, no raw id, no IP. The event type
+and version are kept only when they are declared ones, so even those cannot smuggle text.
+"""
+
+from typing import Any
+
+import orjson
+
+from schemas.events import EVENT_TYPES
+from schemas.reasons import ReasonCode
+
+
+def dead_letter(
+    reason: ReasonCode,
+    *,
+    field: str | None,
+    source_topic: str,
+    partition: int,
+    offset: int,
+    received_ms: int,
+    event_type: Any = None,
+) -> bytes:
+    """The redacted record sent to the dead-letter topic."""
+    record = {
+        "reason": reason.value,
+        "field": field,
+        "event_type": event_type if event_type in EVENT_TYPES else None,
+        "source": {"topic": source_topic, "partition": partition, "offset": offset},
+        "received_ms": received_ms,
+    }
+    return orjson.dumps(record)

@@ -1,0 +1,5 @@
+"""Whether this test run is CI's: there a missing service fails, and properties run in full."""
+
+import os
+
+IN_CI = os.environ.get("CI") == "true"

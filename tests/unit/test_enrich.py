@@ -1,0 +1,128 @@
+"""The stream step's pure core: pseudonyms, consent, geo, user agent, referrer."""
+
+import hashlib
+import hmac
+
+import orjson
+import pytest
+
+from schemas.enriched import check_enriched, enriched_fields
+from schemas.examples import EXAMPLES
+from schemas.reasons import ReasonCode
+from schemas.validation import decode_event
+from streams.enrich import GeoLookup, Lookups, enrich, parse_user_agent, referrer_domain
+from streams.pseudonymize import HmacKey, Pseudonymizer
+from streams.steps import Origin, validate_and_enrich
+from tests.geo import DEFAULT_GEOIP_DATABASE
+
+KEY = HmacKey("k-test", b"0123456789abcdef0123456789abcdef")
+ORIGIN = Origin("tally.events.raw", 0, 7, EXAMPLES["login"]["collector_time_ms"])
+
+
+@pytest.fixture(scope="module")
+def lookups():
+    geo = GeoLookup(DEFAULT_GEOIP_DATABASE)
+    yield Lookups(Pseudonymizer(KEY).pseudonymize_id, KEY.key_id, geo.locate)
+    geo.close()
+
+
+def enriched(event_type: str, lookups: Lookups, **changes: object) -> dict:
+    raw = orjson.dumps({**EXAMPLES[event_type], **changes})
+    event = decode_event(raw, received_ms=None)
+    return enrich(event, event.collector_time_ms or 0, lookups)
+
+
+def test_user_id_becomes_its_keyed_hmac(lookups):
+    """With full consent the user id is HMAC-SHA256(key, id), tagged with the key id."""
+    record = enriched("login", lookups)
+    expected = hmac.new(KEY.secret, b"u-000042", hashlib.sha256).hexdigest()
+    assert record["user_pseudonym"] == expected
+    assert record["key_id"] == "k-test"
+
+
+@pytest.mark.parametrize("event_type", sorted(EXAMPLES))
+def test_no_raw_id_ip_agent_or_url_survives(event_type, lookups):
+    """The enriched record holds none of the raw id, IP, user agent or full referrer."""
+    record = enriched(event_type, lookups)
+    text = orjson.dumps(record).decode()
+    for raw in ("u-000042", "s-9001", "81.2.69.160", "Mozilla", "/blog/post", "id=7"):
+        assert raw not in text
+    check_enriched(record)
+    assert list(record) == enriched_fields(event_type)
+
+
+def test_ip_becomes_a_country(lookups):
+    """The IP is looked up in the real DB-IP City Lite database and then dropped."""
+    assert enriched("login", lookups)["country_code"] == "GB"
+
+
+def test_anonymous_consent_ids_change_with_the_day(lookups):
+    """Anonymous ids are stable within a UTC day and differ across days."""
+    day1 = enriched("login", lookups, consent="anonymous")
+    same_day = enriched(
+        "login", lookups, consent="anonymous", event_id="6f1c2c0e-8a8b-4f55-9d55-0c1a3e9d8aff"
+    )
+    next_day = enriched(
+        "login", lookups, consent="anonymous",
+        client_time_ms=EXAMPLES["login"]["client_time_ms"] + 86_400_000,
+        collector_time_ms=EXAMPLES["login"]["collector_time_ms"] + 86_400_000,
+    )  # fmt: skip
+    assert day1["user_pseudonym"] == same_day["user_pseudonym"] != next_day["user_pseudonym"]
+    assert day1["user_pseudonym"] != enriched("login", lookups)["user_pseudonym"]
+    assert day1["region_code"] == ""
+
+
+def test_no_consent_keeps_no_identifier(lookups):
+    """With consent none: no pseudonyms, no key id, no region, no referrer; still counted."""
+    record = enriched("session_end", lookups, consent="none")
+    assert record["user_pseudonym"] == record["session_pseudonym"] == record["key_id"] == ""
+    assert record["region_code"] == record["referrer_domain"] == ""
+    assert record["end_reason"] == "dropped" and record["country_code"] == "GB"
+
+
+def test_user_agent_becomes_browser_os_and_device():
+    """A Chrome on Windows agent is Chrome 120 on Windows 10, a desktop."""
+    agent = parse_user_agent(EXAMPLES["login"]["user_agent"])
+    assert (agent.browser_family, agent.browser_version) == ("Chrome", "120")
+    assert (agent.os_family, agent.device_class) == ("Windows", "desktop")
+
+
+@pytest.mark.parametrize(
+    ("url", "domain"),
+    [("https://www.example.org/a?b=c", "example.org"), ("http://user:pw@news.example.com:8080/x",
+      "news.example.com"), (None, ""), ("https://[::1", "")],
+)  # fmt: skip
+def test_referrer_is_cut_to_its_domain(url, domain):
+    """Path, query, port and credentials of a referrer are dropped."""
+    assert referrer_domain(url) == domain
+
+
+def test_invalid_event_becomes_a_redacted_dead_letter(lookups):
+    """A refused event yields a dead letter with its reason and origin, and no values."""
+    raw = orjson.dumps({**EXAMPLES["login"], "message": "meet me at 9 u-000042"})
+    outcome = validate_and_enrich(raw, ORIGIN, lookups)
+    assert outcome.destination == "dead"
+    assert outcome.reason is ReasonCode.CONTENT_FORBIDDEN
+    letter = orjson.loads(outcome.value)
+    assert letter["reason"] == "content_forbidden" and letter["source"]["offset"] == 7
+    for raw_value in (b"meet", b"u-000042", b"81.2.69.160", b"Mozilla"):
+        assert raw_value not in outcome.value
+
+
+def test_a_bug_in_enrichment_costs_one_event_not_the_worker():
+    """An exception inside enrichment is a processing_error dead letter, not a crash."""
+
+    def broken_geo(ip: str) -> object:
+        raise RuntimeError(f"boom {ip}")
+
+    lookups = Lookups(Pseudonymizer(KEY).pseudonymize_id, KEY.key_id, broken_geo)  # type: ignore[arg-type]
+    outcome = validate_and_enrich(orjson.dumps(EXAMPLES["login"]), ORIGIN, lookups)
+    assert outcome.reason is ReasonCode.PROCESSING_ERROR
+    assert b"81.2.69.160" not in outcome.value
+
+
+def test_key_secret_never_shows():
+    """Neither an HMAC key nor a pseudonymizer shows its secret in a repr."""
+    assert "0123456789abcdef" not in repr(KEY) + repr(Pseudonymizer(KEY))
+    with pytest.raises(ValueError, match="k-short"):
+        HmacKey("k-short", b"short")

@@ -1,0 +1,69 @@
+"""Settings: one object from TOML then TALLY_* variables, failing in one line."""
+
+import pytest
+
+from deploy.settings import Secret, SettingsError, load_settings, settings_environ
+
+
+def test_environment_overrides_toml(tmp_path):
+    """A TALLY_* variable wins over the TOML file, which wins over the default."""
+    config = tmp_path / "tally.toml"
+    config.write_text('kafka_port = 9999\nclickhouse_backend = "server"\n')
+    settings = load_settings({"TALLY_CONFIG": str(config), "TALLY_KAFKA_PORT": "9100"})
+    assert settings.kafka_port == 9100
+    assert settings.clickhouse_backend == "server"
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"TALLY_KAFKA_PORT": "ninety"}, "TALLY_KAFKA_PORT: not a valid integer"),
+        ({"TALLY_KAFKA_PORT": "70000"}, "TALLY_KAFKA_PORT: not a TCP port"),
+        ({"TALLY_CLICKHOUSE_BACKEND": "sqlite"}, "TALLY_CLICKHOUSE_BACKEND"),
+        ({"TALLY_KAFKA_BOOTSTARP": "x"}, "TALLY_KAFKA_BOOTSTARP: unknown setting"),
+        ({"TALLY_SINK_BATCH_SIZE": "0"}, "TALLY_SINK_BATCH_SIZE: must be at least 1"),
+        ({"TALLY_CONFIG": "/nonexistent.toml"}, "TALLY_CONFIG: cannot read"),
+    ],
+)
+def test_bad_values_fail_in_one_line_naming_the_variable(environ, message):
+    """Each invalid setting fails at start with one line that names its variable."""
+    with pytest.raises(SettingsError) as caught:
+        load_settings(environ)
+    assert str(caught.value).startswith(message)
+    assert "\n" not in str(caught.value)
+
+
+def test_secrets_never_show(tmp_path):
+    """Passwords and keys stay out of reprs and of the error naming a bad key."""
+    settings = load_settings(
+        {"TALLY_CLICKHOUSE_PASSWORD": "hunter2-pw", "TALLY_HMAC_KEY": "k9:hunter2-not-hex"}
+    )
+    assert "hunter2" not in repr(settings) + str(settings.clickhouse_password)
+    with pytest.raises(SettingsError) as caught:
+        settings.hmac_keys()
+    assert "hunter2" not in str(caught.value)
+    assert Secret("x").reveal() == "x"
+
+
+def test_hmac_key_is_made_once_with_private_mode(tmp_path):
+    """Without a configured key, one is generated under the state folder, mode 0600, and
+    the same key is read back next time."""
+    settings = load_settings({"TALLY_STATE_DIR": str(tmp_path)})
+    first = settings.hmac_keys()
+    key_file = tmp_path / "secrets" / "hmac.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert settings.hmac_keys() == first and len(first[0].secret) == 32
+
+
+def test_key_file_lists_active_key_first(tmp_path):
+    """A key file of several keys makes the first one active (rotation)."""
+    key_file = tmp_path / "keys"
+    key_file.write_text(f"k2:{'22' * 32}\nk1:{'11' * 32}\n")
+    keys = load_settings({"TALLY_HMAC_KEY_FILE": str(key_file)}).hmac_keys()
+    assert [k.key_id for k in keys] == ["k2", "k1"]
+
+
+def test_settings_round_trip_through_a_child_environment(tmp_path):
+    """The variables handed to a child process rebuild equal settings."""
+    settings = load_settings({"TALLY_STATE_DIR": str(tmp_path), "TALLY_CLICKHOUSE_PASSWORD": "pw"})
+    assert load_settings(settings_environ(settings)) == settings
