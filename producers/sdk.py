@@ -12,8 +12,9 @@ from kafka import KafkaProducer
 
 from schemas.consent import Consent
 from schemas.events import Envelope
+from schemas.reasons import ReasonCode
 from schemas.topics import TopicNames
-from schemas.validation import decode_event, encode_event
+from schemas.validation import InvalidEvent, decode_event, encode_event
 
 
 def apply_consent(event: Envelope) -> Envelope:
@@ -27,8 +28,19 @@ def apply_consent(event: Envelope) -> Envelope:
     return event
 
 
-def prepare_event(event: Envelope, now_ms: int) -> bytes:
-    """Consent applied, send time stamped, validated exactly as the stream step will."""
+_PERMISSIVENESS = {Consent.NONE: 0, Consent.ANONYMOUS: 1, Consent.FULL: 2}
+
+
+def prepare_event(event: Envelope, now_ms: int, consent_now: Consent | None = None) -> bytes:
+    """Consent applied, send time stamped, validated exactly as the stream step will.
+
+    ``consent_now`` is the user's choice at send time: an event made under a wider consent
+    that the user has since narrowed is refused as ``consent_withdrawn``, never sent.
+    """
+    if consent_now is not None and (
+        _PERMISSIVENESS[Consent(event.consent)] > _PERMISSIVENESS[consent_now]
+    ):
+        raise InvalidEvent(ReasonCode.CONSENT_WITHDRAWN, "consent")
     event = apply_consent(event).model_copy(update={"collector_time_ms": now_ms})
     raw = encode_event(event)
     decode_event(raw, received_ms=now_ms)
@@ -38,17 +50,30 @@ def prepare_event(event: Envelope, now_ms: int) -> bytes:
 class TallyProducer:
     """Sends events to the raw topic with kafka-python. ``flush`` blocks until all are acked."""
 
-    def __init__(self, bootstrap: str, topics: TopicNames, **kafka_options: Any) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: TopicNames,
+        *,
+        consent: Consent | None = None,
+        **kafka_options: Any,
+    ) -> None:
         self.topic = topics.raw
+        self.consent = consent
+        """The user's current choice; None leaves each event's own level in force."""
         self._producer = KafkaProducer(
             bootstrap_servers=bootstrap, acks="all", linger_ms=5, **kafka_options
         )
 
     def emit(self, event: Envelope) -> None:
         """Queue one event; raises ``InvalidEvent`` if it breaks the schema or the consent."""
-        raw = prepare_event(event, int(time.time() * 1000))
+        raw = prepare_event(event, int(time.time() * 1000), self.consent)
         key = (event.session_id or event.user_id or event.event_id).encode()
         self._producer.send(self.topic, value=raw, key=key)
+
+    def set_consent(self, consent: Consent) -> None:
+        """The user changed their choice; events made under a wider one are refused."""
+        self.consent = consent
 
     def flush(self, timeout_s: float | None = None) -> None:
         self._producer.flush(timeout=timeout_s)

@@ -14,7 +14,7 @@ from schemas.events import (
     Envelope,
     LoginV1,
     LogoutV1,
-    QualitySampleV1,
+    QualitySampleV2,
     SessionEndV1,
     SessionStartV1,
 )
@@ -119,7 +119,8 @@ def _client_events(rng: random.Random, client: Client, start_ms: int) -> Iterato
         for _ in range(rng.randrange(1, 5)):
             t += 10_000
             yield make(
-                QualitySampleV1, t, event_type="quality_sample", session_id=session_id,
+                QualitySampleV2, t, event_type="quality_sample", schema_version=2,
+                session_id=session_id,
                 rtt_ms=round(base_rtt * rng.uniform(0.8, 1.5), 1),
                 jitter_ms=round(rng.uniform(1, 30), 1),
                 packet_loss_pct=round(min(100.0, rng.expovariate(1.5)), 2),
@@ -127,6 +128,8 @@ def _client_events(rng: random.Random, client: Client, start_ms: int) -> Iterato
                 frame_rate=30.0 if kind == "video" else None,
                 resolution_class=rng.choice(("360p", "720p", "1080p")) if kind == "video" else None,
                 network_type=rng.choice(("wifi", "ethernet", "cellular")),
+                mos=round(rng.uniform(2.5, 4.6), 2),
+                codec=rng.choice(("vp9", "h264", "av1")) if kind == "video" else "opus",
             )  # fmt: skip
         t += rng.randrange(5_000, 600_000)
         dropped = rng.random() < 0.06

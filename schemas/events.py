@@ -183,6 +183,18 @@ class QualitySampleV1(Envelope):
     ]
 
 
+class QualitySampleV2(QualitySampleV1):
+    """Version 2 adds the client's own call-quality estimate and the codec in use."""
+
+    # A subclass narrows the version literal; mypy reads that as an incompatible override.
+    schema_version: Literal[2]  # type: ignore[assignment]
+    mos: Annotated[float | None, Field(ge=1, le=5), CH("Nullable(Float32)")] = None
+    """Mean opinion score (1-5) as the client's media engine estimates it."""
+    codec: Annotated[
+        Literal["opus", "vp8", "vp9", "h264", "av1"] | None, CH("Nullable(String)")
+    ] = None
+
+
 EVENT_MODELS: Final[dict[tuple[str, int], type[Envelope]]] = {
     ("login", 1): LoginV1,
     ("logout", 1): LogoutV1,
@@ -190,6 +202,7 @@ EVENT_MODELS: Final[dict[tuple[str, int], type[Envelope]]] = {
     ("session_end", 1): SessionEndV1,
     ("client_info", 1): ClientInfoV1,
     ("quality_sample", 1): QualitySampleV1,
+    ("quality_sample", 2): QualitySampleV2,
 }
 """Every (event type, schema version) this build accepts. Old versions stay here for good."""
 

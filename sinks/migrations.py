@@ -31,15 +31,40 @@ def event_table_ddl(event_type: str) -> str:
     )
 
 
+def table_columns(backend: ClickHouseBackend, table: str) -> list[tuple[str, str]]:
+    """(name, type) of a table's columns in order, the same way on 18.16 and 26.9."""
+    return [
+        (name, ch_type)
+        for name, ch_type in backend.query(
+            "SELECT name, type FROM system.columns "
+            f"WHERE database = currentDatabase() AND table = '{table}'"
+        )
+    ]
+
+
+def add_declared_columns(backend: ClickHouseBackend) -> list[str]:
+    """ALTERs adding the columns a later schema version declared (always optional, so
+    Nullable) to tables made before it. Evolution only adds; nothing is dropped here."""
+    statements = []
+    for event_type in EVENT_TYPES:
+        table = table_name(event_type)
+        existing = {name for name, _ in table_columns(backend, table)}
+        for name, ch_type in ENRICHED_COLUMNS[event_type]:
+            if name not in existing:
+                statements.append(f"ALTER TABLE {table} ADD COLUMN {name} {ch_type}")
+    return statements
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
     name: str
-    statements: Callable[[], list[str]]
+    statements: Callable[[ClickHouseBackend], list[str]]
 
 
 MIGRATIONS: tuple[Migration, ...] = (
-    Migration(1, "event_tables", lambda: [event_table_ddl(t) for t in EVENT_TYPES]),
+    Migration(1, "event_tables", lambda _: [event_table_ddl(t) for t in EVENT_TYPES]),
+    Migration(2, "quality_sample_v2", add_declared_columns),
 )
 
 
@@ -63,7 +88,7 @@ def apply_migrations(backend: ClickHouseBackend) -> list[int]:
     for migration in MIGRATIONS:
         if migration.version in done:
             continue
-        for statement in migration.statements():
+        for statement in migration.statements(backend):
             backend.execute(statement)
         backend.insert(
             MIGRATIONS_TABLE,

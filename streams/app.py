@@ -15,6 +15,7 @@ from typing import Any
 import faust
 
 from schemas.topics import TopicNames
+from streams.dedupe import RecentEventIds
 from streams.enrich import Lookups
 from streams.steps import Origin, validate_and_enrich
 
@@ -55,6 +56,7 @@ def create_app(config: StreamConfig, lookups: Lookups) -> faust.App:
     enriched = app.topic(config.topics.enriched, key_serializer="raw", value_serializer="raw")
     dead = app.topic(config.topics.dead, key_serializer="raw", value_serializer="raw")
     destinations = {"enriched": enriched, "dead": dead}
+    recent = RecentEventIds()
 
     @app.agent(raw, name="validate_and_enrich")
     async def validate_and_enrich_agent(stream: Any) -> None:
@@ -68,7 +70,7 @@ def create_app(config: StreamConfig, lookups: Lookups) -> faust.App:
                     message.offset,
                     int(message.timestamp * 1000),
                 )
-                outcome = validate_and_enrich(message.value, origin, lookups)
+                outcome = validate_and_enrich(message.value, origin, lookups, recent)
                 topic = destinations[outcome.destination]
                 pending.append(await topic.send(key=outcome.key, value=outcome.value))
             await asyncio.gather(*pending)

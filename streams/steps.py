@@ -12,6 +12,7 @@ import orjson
 from schemas.reasons import ReasonCode
 from schemas.validation import InvalidEvent, decode_event
 from streams.dead_letter import dead_letter
+from streams.dedupe import RecentEventIds
 from streams.enrich import Lookups, enrich
 
 
@@ -33,10 +34,17 @@ class Origin:
     timestamp_ms: int
 
 
-def validate_and_enrich(raw: bytes | None, origin: Origin, lookups: Lookups) -> Outcome:
+def validate_and_enrich(
+    raw: bytes | None,
+    origin: Origin,
+    lookups: Lookups,
+    recent: RecentEventIds | None = None,
+) -> Outcome:
     """Validate a raw event and enrich it; any refusal becomes a redacted dead letter."""
     try:
         event = decode_event(raw or b"", received_ms=origin.timestamp_ms)
+        if recent is not None and recent.seen_before(event.event_id):
+            raise InvalidEvent(ReasonCode.DUPLICATE, "event_id")
         received_ms = event.collector_time_ms or origin.timestamp_ms
         record = enrich(event, received_ms, lookups)
     except InvalidEvent as err:

@@ -19,6 +19,24 @@ def examples(full_count: int) -> int:
     return full_count if IN_CI else max(25, full_count // 20)
 
 
+_PRINTABLE = st.characters(min_codepoint=0x20, max_codepoint=0x7E)
+_BY_NAME: dict[str, st.SearchStrategy[Any]] = {
+    # from_regex is slow on long repeats ({1,480}, {1,2040}); these build the same languages
+    # as the declared patterns from a token and a printable tail, at a tenth of the cost.
+    "ip": st.ip_addresses().map(str),
+    "user_agent": st.builds(
+        "{}/{}".format,
+        st.from_regex(r"[A-Za-z][A-Za-z0-9._-]{0,31}", fullmatch=True),
+        st.text(_PRINTABLE, min_size=1, max_size=480),
+    ),
+    "referrer": st.builds(
+        "{}://{}".format,
+        st.sampled_from(["http", "https"]),
+        st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=2040),
+    ),
+}
+
+
 def _bounds(metadata: list[Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for m in metadata:
@@ -42,8 +60,8 @@ def _for_type(annotation: Any, metadata: list[Any], name: str) -> st.SearchStrat
         inner = [a for a in get_args(annotation) if a is not type(None)]
         return st.one_of(*(_for_type(a, metadata, name) for a in inner))
     bounds = _bounds(metadata)
-    if name == "ip":
-        return st.ip_addresses().map(str)
+    if name in _BY_NAME:
+        return _BY_NAME[name]
     if annotation is int:
         return st.integers(bounds.get("ge", 0), bounds.get("le", 2**31))
     if annotation is float:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import orjson
 import pytest
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, KafkaProducer
 
 from deploy.kafka import ensure_topics
 from deploy.run import stream_worker
@@ -36,6 +36,8 @@ class SentLogin:
     user_id: str
     ip: str
     event_id: str
+    enriched: list[bytes]
+    dead: list[bytes]
 
 
 @pytest.fixture(scope="module")
@@ -62,26 +64,47 @@ def sent_login(
     with stream_worker(settings, kafka_bootstrap) as worker:
         producer = TallyProducer(kafka_bootstrap, topic_names(settings))
         producer.emit(event)
+        producer.emit(event)  # a client's retry: refused as a duplicate
         producer.flush(timeout_s=30)
         producer.close()
-        _wait_for_enriched(settings, kafka_bootstrap, worker)
-        yield SentLogin(settings, user_id, ip, event.event_id)
+        _send_raw(kafka_bootstrap, topic_names(settings).raw, BAD_EVENTS)
+        enriched = _wait_for(settings, topic_names(settings).enriched, 1, worker)
+        dead = _wait_for(settings, topic_names(settings).dead, len(BAD_EVENTS) + 1, worker)
+    yield SentLogin(settings, user_id, ip, event.event_id, enriched, dead)
 
 
-def _wait_for_enriched(settings: Settings, bootstrap: str, worker: object) -> None:
+CONTENT_MARK = "zq7-see-you-at-nine-zq7"
+BAD_EVENTS = [
+    orjson.dumps({**EXAMPLES["login"], "message": f"{CONTENT_MARK} bring the slides"}),
+    orjson.dumps({**EXAMPLES["login"], "os_family": f"hi {CONTENT_MARK} are you there"}),
+    b'{"event_type": "login", ' + CONTENT_MARK.encode(),
+]
+
+
+def _send_raw(bootstrap: str, topic: str, payloads: list[bytes]) -> None:
+    """Bypass the SDK, as a broken or hostile client would."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    for payload in payloads:
+        producer.send(topic, payload)
+    producer.flush(timeout=30)
+    producer.close()
+
+
+def _wait_for(settings: Settings, topic: str, count: int, worker: object) -> list[bytes]:
     consumer = KafkaConsumer(
-        topic_names(settings).enriched, bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest", consumer_timeout_ms=1000,
+        topic, bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest", consumer_timeout_ms=500,
     )  # fmt: skip
+    values: list[bytes] = []
     deadline = time.monotonic() + DEADLINE_S
     try:
-        while time.monotonic() < deadline:
-            if any(True for _ in consumer):
-                return
+        while len(values) < count and time.monotonic() < deadline:
+            values.extend(message.value for message in consumer)
             assert worker.poll() is None, "stream worker exited"  # type: ignore[attr-defined]
     finally:
         consumer.close()
-    pytest.fail(f"no enriched event within {DEADLINE_S}s; worker log in {settings.state_dir}")
+    assert len(values) >= count, f"{len(values)} of {count} messages on {topic}"
+    return values
 
 
 def _sink_until(backend: ClickHouseBackend, settings: Settings, group: str, rows: int) -> None:
@@ -125,3 +148,16 @@ def test_replaying_the_topic_does_not_double_count(
         _sink_until(backend, sent_login.settings, f"replay-{uuid.uuid4().hex[:8]}", 1)
     count = backend.query(f"SELECT count() FROM {table_name('login')} FINAL")[0][0]
     assert count == 1
+
+
+def test_bad_events_become_redacted_dead_letters(sent_login: SentLogin):
+    """Content, text in a field, broken JSON and a retried send each become one dead letter
+    with its reason; the content appears in no dead letter, enriched record or log line."""
+    reasons = sorted(orjson.loads(letter)["reason"] for letter in sent_login.dead)
+    assert reasons == ["content_forbidden", "content_forbidden", "duplicate", "malformed_json"]
+    assert len(sent_login.enriched) == 1
+    worker_log = (sent_login.settings.state_dir / "logs" / "worker.log").read_bytes()
+    assert worker_log, "the worker wrote no log at all"
+    for place in [*sent_login.dead, *sent_login.enriched, worker_log]:
+        assert CONTENT_MARK.encode() not in place
+        assert sent_login.user_id.encode() not in place and sent_login.ip.encode() not in place

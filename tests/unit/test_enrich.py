@@ -10,6 +10,7 @@ from schemas.enriched import check_enriched, enriched_fields
 from schemas.examples import EXAMPLES
 from schemas.reasons import ReasonCode
 from schemas.validation import decode_event
+from streams.dedupe import RecentEventIds
 from streams.enrich import GeoLookup, Lookups, enrich, parse_user_agent, referrer_domain
 from streams.pseudonymize import HmacKey, Pseudonymizer
 from streams.steps import Origin, validate_and_enrich
@@ -126,3 +127,15 @@ def test_key_secret_never_shows():
     assert "0123456789abcdef" not in repr(KEY) + repr(Pseudonymizer(KEY))
     with pytest.raises(ValueError, match="k-short"):
         HmacKey("k-short", b"short")
+
+
+def test_a_retried_send_is_a_duplicate(lookups):
+    """The same event id twice: enriched once, then a duplicate dead letter."""
+    recent = RecentEventIds(capacity=2)
+    raw = orjson.dumps(EXAMPLES["login"])
+    assert validate_and_enrich(raw, ORIGIN, lookups, recent).destination == "enriched"
+    assert validate_and_enrich(raw, ORIGIN, lookups, recent).reason is ReasonCode.DUPLICATE
+    for n in range(2):
+        other = {**EXAMPLES["login"], "event_id": f"00000000-0000-4000-8000-00000000000{n}"}
+        validate_and_enrich(orjson.dumps(other), ORIGIN, lookups, recent)
+    assert validate_and_enrich(raw, ORIGIN, lookups, recent).destination == "enriched"

@@ -1,45 +1,54 @@
-"""Compatible evolution: each version of a type only adds optional fields to the previous one,
-and no field name means two things anywhere."""
+"""Compatible evolution: checked over the registry, and the checker itself catches breaks."""
 
-import itertools
-from collections import defaultdict
+from typing import Annotated, Literal
 
-from schemas.events import EVENT_MODELS, Envelope
+import orjson
+from pydantic import Field
 
-
-def _versions() -> dict[str, list[type[Envelope]]]:
-    by_type: dict[str, list[type[Envelope]]] = defaultdict(list)
-    for (event_type, _), model in sorted(EVENT_MODELS.items()):
-        by_type[event_type].append(model)
-    return by_type
+from schemas.enriched import ENRICHED_COLUMNS
+from schemas.events import EVENT_MODELS, QualitySampleV1, QualitySampleV2
+from schemas.evolution import compatibility_problems, registry_problems
+from schemas.examples import EXAMPLES
+from schemas.validation import decode_event
 
 
-def test_versions_are_consecutive_from_one():
-    """Versions of a type run 1, 2, 3... without gaps."""
-    for event_type, models in _versions().items():
-        versions = sorted(v for t, v in EVENT_MODELS if t == event_type)
-        assert versions == list(range(1, len(models) + 1))
+def test_the_registry_follows_the_rules():
+    """Every declared version only adds optional fields to the one before it."""
+    assert registry_problems() == []
+    assert compatibility_problems(QualitySampleV1, QualitySampleV2) == []
 
 
-def test_each_version_only_adds_optional_fields():
-    """A later version keeps every field of the one before, with the same type, and any
-    field it adds is optional, so old clients keep validating."""
-    for models in _versions().values():
-        for older, newer in itertools.pairwise(models):
-            for name, field in older.model_fields.items():
-                if name in ("schema_version",):
-                    continue
-                assert name in newer.model_fields, f"{newer.__name__} drops {name}"
-                assert newer.model_fields[name].annotation == field.annotation
-            for name in set(newer.model_fields) - set(older.model_fields):
-                assert not newer.model_fields[name].is_required(), f"{name} must be optional"
+class RetypesRtt(QualitySampleV1):
+    schema_version: Literal[2]  # type: ignore[assignment]
+    rtt_ms: Annotated[float, Field(ge=0, le=10)]  # type: ignore[assignment]
 
 
-def test_a_field_name_has_one_type_everywhere():
-    """No field name is reused with another type across event types and versions."""
-    seen: dict[str, object] = {}
-    for model in EVENT_MODELS.values():
-        for name, field in model.model_fields.items():
-            if name in ("event_type", "schema_version", "session_id"):
-                continue  # literals per type; session_id is required where a type needs it
-            assert seen.setdefault(name, field.annotation) == field.annotation, name
+class AddsRequired(QualitySampleV1):
+    schema_version: Literal[2]  # type: ignore[assignment]
+    mos: float
+
+
+def test_the_checker_catches_a_retyped_field_and_a_new_required_one():
+    """Tightening a field's range or adding a required field is reported."""
+    assert compatibility_problems(QualitySampleV1, RetypesRtt) == ["RetypesRtt retypes rtt_ms"]
+    assert compatibility_problems(QualitySampleV1, AddsRequired) == [
+        "AddsRequired adds required field mos"
+    ]
+    registry = {**EVENT_MODELS, ("quality_sample", 3): AddsRequired}
+    assert registry_problems(registry)
+
+
+def test_the_checker_catches_a_gap_in_versions():
+    """Versions of a type run 1..n without gaps."""
+    registry = {**EVENT_MODELS, ("quality_sample", 5): QualitySampleV2}
+    assert any("not 1..n" in p for p in registry_problems(registry))
+
+
+def test_old_clients_keep_working():
+    """A version 1 quality sample still validates, and the table holds v2's new columns."""
+    event = decode_event(orjson.dumps(EXAMPLES["quality_sample"]), received_ms=None)
+    assert type(event) is QualitySampleV1
+    columns = dict(ENRICHED_COLUMNS["quality_sample"])
+    assert columns["mos"] == "Nullable(Float32)" and columns["codec"] == "Nullable(String)"
+    newer = {**EXAMPLES["quality_sample"], "schema_version": 2, "mos": 4.1, "codec": "opus"}
+    assert type(decode_event(orjson.dumps(newer), received_ms=None)) is QualitySampleV2

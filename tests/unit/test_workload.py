@@ -1,11 +1,14 @@
 """The synthetic workload: seeded, valid, consent-respecting."""
 
 import orjson
+import pytest
 
 from producers.sdk import apply_consent, prepare_event
 from producers.workload import generate_workload
+from schemas.consent import Consent
 from schemas.examples import EXAMPLES
-from schemas.validation import decode_event
+from schemas.reasons import ReasonCode
+from schemas.validation import InvalidEvent, decode_event
 
 END_MS = 1_764_300_000_000
 
@@ -31,3 +34,13 @@ def test_sdk_withholds_ids_without_consent():
     sent = orjson.loads(prepare_event(event, EXAMPLES["login"]["collector_time_ms"]))
     assert "user_id" not in sent and "referrer" not in sent
     assert apply_consent(event).user_id is None
+
+
+def test_events_made_before_consent_was_narrowed_are_not_sent():
+    """After the user narrows consent, an event made under the wider one is refused."""
+    event = decode_event(orjson.dumps(EXAMPLES["login"]), received_ms=None)
+    now = EXAMPLES["login"]["collector_time_ms"]
+    with pytest.raises(InvalidEvent) as caught:
+        prepare_event(event, now, Consent.ANONYMOUS)
+    assert caught.value.reason is ReasonCode.CONSENT_WITHDRAWN
+    assert prepare_event(event, now, Consent.FULL)
