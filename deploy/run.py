@@ -104,7 +104,8 @@ def replay_workload(settings: Settings, bootstrap: str) -> int:
     started = time.monotonic()
     pace = settings.workload_duration_s / len(events)
     try:
-        for n, event in enumerate(tqdm(events, desc="events", unit="ev", file=sys.stderr)):
+        progress = tqdm(events, desc="events", unit="ev", file=sys.stderr, disable=None)
+        for n, event in enumerate(progress):
             producer.emit(event)
             ahead = started + n * pace - time.monotonic()
             if ahead > 0:

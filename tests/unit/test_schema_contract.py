@@ -68,3 +68,12 @@ def test_envelope_fields_come_first_in_every_model():
     """Types only add to the envelope; they never drop one of its fields."""
     for model in EVENT_MODELS.values():
         assert set(Envelope.model_fields) <= set(model.model_fields)
+
+
+def test_schemas_readme_documents_every_reason_and_consent_level():
+    """The documented list of reason codes and consent levels is the declared one."""
+    readme = (JSONSCHEMA_DIR.parent / "README.md").read_text()
+    for code in ReasonCode:
+        assert f"| `{code.value}` |" in readme
+    for level in Consent:
+        assert f"| `{level.value}` |" in readme
