@@ -45,7 +45,11 @@ def broken_events(draw: st.DrawFn) -> tuple[dict, ReasonCode]:
         event["event_type"] = draw(st.sampled_from(["chat_message", "", "LOGIN", 7, None]))
         return event, ReasonCode.UNKNOWN_EVENT_TYPE
     if defect == "version":
-        event["schema_version"] = draw(st.integers(2, 10**6) | st.integers(-(10**6), 0))
+        event["schema_version"] = draw(
+            st.integers(-(10**6), 10**6).filter(
+                lambda v: (event["event_type"], v) not in EVENT_MODELS
+            )
+        )
         return event, ReasonCode.UNSUPPORTED_VERSION
     if defect == "range":
         numeric = [n for n in ("duration_ms", "packet_loss_pct", "rtt_ms") if n in event]
