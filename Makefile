@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint system-packages clean
+.PHONY: run test lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +16,8 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-system-packages:
+run: $(STAMP)
 	bash deploy/install-system-packages.sh
-
-run: $(STAMP) system-packages
 	$(BIN)/tally run
 
 lint: $(STAMP)
@@ -27,7 +25,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: $(STAMP) system-packages lint
+test: $(STAMP) lint
+	bash deploy/install-system-packages.sh --clickhouse-server
 	$(BIN)/python -m pytest
 
 clean:

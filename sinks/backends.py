@@ -104,7 +104,25 @@ class ClickHouseBackend(Protocol):
         ...
 
 
-class EmbeddedClickHouse:
+class _ClosesOnExit:
+    """``with backend:`` closes it on the way out."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class EmbeddedClickHouse(_ClosesOnExit):
     """ClickHouse 26.9 in this process (chdb), with its data on disk under `path`.
 
     chdb allows one data folder per process at a time (opening a second path while one is
@@ -135,17 +153,6 @@ class EmbeddedClickHouse:
 
     def __repr__(self) -> str:
         return f"EmbeddedClickHouse(path={str(self.path)!r}, database={self.database!r})"
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def execute(self, sql: str) -> None:
         """Run a statement; forgets cached table schemas, as it may have changed one."""
@@ -202,7 +209,7 @@ class EmbeddedClickHouse:
         return self._column_types[table]
 
 
-class ServerClickHouse:
+class ServerClickHouse(_ClosesOnExit):
     """A ClickHouse server over the native protocol (clickhouse-driver).
 
     Creates `database` if missing and runs every statement in it. The password is kept
@@ -242,17 +249,6 @@ class ServerClickHouse:
             f"ServerClickHouse(host={self.host!r}, port={self.port}, user={self.user!r}, "
             f"database={self.database!r})"
         )
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def execute(self, sql: str) -> None:
         """Run a statement and discard any result."""
