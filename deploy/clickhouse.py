@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -238,7 +240,21 @@ def _render_config(layout: _Layout, tcp_port: int, http_port: int) -> None:
     }
     template = Template((_TEMPLATES / "config.xml").read_text(encoding="utf-8"))
     _write_atomically(layout.config, template.substitute(values))
-    _write_atomically(layout.users, (_TEMPLATES / "users.xml").read_text(encoding="utf-8"))
+    users = Template((_TEMPLATES / "users.xml").read_text(encoding="utf-8"))
+    password = tally_user_password(layout.state_dir).encode()
+    digest = hashlib.sha256(password).hexdigest()
+    _write_atomically(layout.users, users.substitute(tally_password_sha256=digest))
+
+
+def tally_user_password(state_dir: Path) -> str:
+    """The password of the server's ``tally`` user, made on first use (file mode 0600)."""
+    path = state_dir.resolve() / "secrets" / "tally-password"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(24))
+    return path.read_text().strip()
 
 
 def _configured_ports(layout: _Layout) -> tuple[int, int]:

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from deploy.clickhouse import ClickHouseServer
+from deploy.clickhouse import ClickHouseServer, tally_user_password
 from sinks.backends import ClickHouseBackend, ClickHouseError, EmbeddedClickHouse, ServerClickHouse
-from tests.clickhouse_fixtures import unique_database_name
+from tests.clickhouse_fixtures import CLICKHOUSE_STATE_DIR, unique_database_name
 
 pytestmark = pytest.mark.clickhouse
 
@@ -312,21 +312,24 @@ def test_a_wrong_password_never_appears_in_the_error(
         chain = chain.__cause__
 
 
-def test_the_password_is_not_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
-    """repr() of a server backend names host, port, user and database, never the password."""
-
-    class AcceptingClient:
-        def __init__(self, *args: Any, **kwargs: Any) -> None: ...
-
-        def execute(self, sql: str, *args: Any, **kwargs: Any) -> list[tuple[Any, ...]]:
-            return [("UTC",)]
-
-        def disconnect(self) -> None: ...
-
-    monkeypatch.setattr("sinks.backends.Client", AcceptingClient)
-    secret = "s3cret-Pa55word"
-
-    backend = ServerClickHouse("127.0.0.1", 9000, user="writer", password=secret)
-
-    assert secret not in repr(backend)
-    assert "writer" in repr(backend)
+def test_a_password_user_connects_and_its_password_never_shows(
+    clickhouse_server: ClickHouseServer,
+) -> None:
+    """The server's `tally` user connects with its password; repr() and a failed query name
+    host, port, user and database, never the password."""
+    secret = tally_user_password(CLICKHOUSE_STATE_DIR)
+    backend = ServerClickHouse(
+        clickhouse_server.host, clickhouse_server.tcp_port, user="tally", password=secret,
+        database=unique_database_name(),
+    )  # fmt: skip
+    try:
+        assert backend.query("SELECT count() > 0 FROM system.processes WHERE user = 'tally'") == [
+            (1,)
+        ]
+        assert secret not in repr(backend) and "tally" in repr(backend)
+        with pytest.raises(ClickHouseError) as raised:
+            backend.query("SELECT * FROM no_such_table")
+        assert secret not in str(raised.value) + repr(raised.value)
+    finally:
+        backend.execute(f"DROP DATABASE IF EXISTS {backend.database}")
+        backend.close()
