@@ -2,6 +2,7 @@
 one ClickHouse row. It holds no raw id, no IP, no user agent and no full URL by construction.
 """
 
+from functools import cache
 from typing import Annotated, Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -72,13 +73,15 @@ def table_name(event_type: str) -> str:
     return f"{event_type}_events"
 
 
-def enriched_fields(event_type: str) -> list[str]:
-    return [name for name, _ in ENRICHED_COLUMNS[event_type]]
+@cache
+def enriched_fields(event_type: str) -> tuple[str, ...]:
+    """Column names of a type's table, in order: the keys of its enriched record."""
+    return tuple(name for name, _ in ENRICHED_COLUMNS[event_type])
 
 
 def check_enriched(record: dict[str, Any]) -> None:
     """Raise if a stream output record does not have exactly its type's columns."""
     expected = enriched_fields(record["event_type"])
-    if list(record) != expected:
+    if tuple(record) != expected:
         raise ValueError(f"enriched {record['event_type']} has fields out of contract")
     EnrichedEnvelope.model_validate({k: record[k] for k in EnrichedEnvelope.model_fields})

@@ -38,20 +38,34 @@ def looks_like_text(value: str) -> bool:
     return len(value.split(None, _MAX_WORDS)) > _MAX_WORDS
 
 
+def _nested_forbidden_content(value: Any) -> bool:
+    """Whether a list or object anywhere holds an unknown key or text (no field is nested,
+    so this runs only on events that are invalid anyway)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if looks_like_text(item):
+                return True
+        elif isinstance(item, dict):
+            if any(not isinstance(k, str) or k not in ALL_FIELD_NAMES for k in item):
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def _first_forbidden_content(obj: dict[str, Any]) -> str | None:
     """The first key that is outside the allowlist or holds text; '' when the key itself is."""
-    stack: list[tuple[str | None, Any]] = [(k, v) for k, v in obj.items()]
-    while stack:
-        key, value = stack.pop()
-        if key is not None and key not in ALL_FIELD_NAMES:
+    for key, value in obj.items():
+        if key not in ALL_FIELD_NAMES:
             return ""
-        if isinstance(value, str):
+        if type(value) is str:
             if key not in _TEXT_EXEMPT and looks_like_text(value):
-                return key or ""
-        elif isinstance(value, dict):
-            stack.extend((k if isinstance(k, str) else "", v) for k, v in value.items())
-        elif isinstance(value, list):
-            stack.extend((key, v) for v in value)
+                return key
+        elif isinstance(value, dict | list) and _nested_forbidden_content(value):
+            return key
     return None
 
 

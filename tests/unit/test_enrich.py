@@ -49,7 +49,7 @@ def test_no_raw_id_ip_agent_or_url_survives(event_type, lookups):
     for raw in ("u-000042", "s-9001", "81.2.69.160", "Mozilla", "/blog/post", "id=7"):
         assert raw not in text
     check_enriched(record)
-    assert list(record) == enriched_fields(event_type)
+    assert tuple(record) == enriched_fields(event_type)
 
 
 def test_ip_becomes_a_country(lookups):
