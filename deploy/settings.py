@@ -134,11 +134,11 @@ def _convert(name: str, kind: Any, raw: Any) -> Any:
     """Convert one raw value (a string from the environment, or a TOML value) to its type."""
     secret = kind in (Secret, Secret | None)
     try:
-        if kind in (int,):
+        if kind is int:
             if isinstance(raw, bool):
                 raise ValueError
             return int(raw)
-        if kind in (float,):
+        if kind is float:
             if isinstance(raw, bool):
                 raise ValueError
             return float(raw)
@@ -177,7 +177,6 @@ def load_settings(
 ) -> Settings:
     """Settings from a TOML file (``TALLY_CONFIG``), then ``TALLY_*`` variables, then
     ``overrides`` (command-line flags), each later source winning."""
-    types = _TYPES
     values: dict[str, Any] = {}
     config = environ.get("TALLY_CONFIG")
     if config:
@@ -187,19 +186,19 @@ def load_settings(
         except (OSError, tomllib.TOMLDecodeError) as err:
             raise SettingsError(f"TALLY_CONFIG: cannot read {config}: {err}") from None
         for key, raw in table.items():
-            if key not in types:
+            if key not in _TYPES:
                 raise SettingsError(f"TALLY_CONFIG: unknown setting {key!r} in {config}")
-            values[key] = _convert(key, types[key], raw)
+            values[key] = _convert(key, _TYPES[key], raw)
     for variable, raw in environ.items():
         if not variable.startswith("TALLY_") or variable == "TALLY_CONFIG":
             continue
         key = variable.removeprefix("TALLY_").lower()
-        if key not in types:
+        if key not in _TYPES:
             raise SettingsError(f"{variable}: unknown setting")
-        values[key] = _convert(key, types[key], raw)
+        values[key] = _convert(key, _TYPES[key], raw)
     for key, raw in (overrides or {}).items():
         if raw is not None:
-            values[key] = _convert(key, types[key], raw)
+            values[key] = _convert(key, _TYPES[key], raw)
     return Settings(**values)
 
 

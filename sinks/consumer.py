@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from kafka import KafkaConsumer, KafkaProducer
 
+from schemas.dead_letter import dead_letter
 from schemas.reasons import ReasonCode
 from schemas.topics import TopicNames
 from sinks.writer import ClickHouseWriter, RecordOutOfContract, to_row
@@ -57,18 +58,15 @@ class EnrichedSink:
         self._producer.close()
 
     def _dead_letter(self, message: Any) -> None:
-        letter = {
-            "reason": ReasonCode.INVALID_FIELD.value,
-            "field": None,
-            "event_type": None,
-            "source": {
-                "topic": message.topic,
-                "partition": message.partition,
-                "offset": message.offset,
-            },
-            "received_ms": message.timestamp,
-        }
-        self._producer.send(self.config.topics.dead, orjson.dumps(letter))
+        letter = dead_letter(
+            ReasonCode.INVALID_FIELD,
+            field=None,
+            source_topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            received_ms=message.timestamp,
+        )
+        self._producer.send(self.config.topics.dead, letter)
         self.dead_letters += 1
 
     def poll_batch(self) -> list[Any]:

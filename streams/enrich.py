@@ -114,7 +114,11 @@ def enrich(event: Envelope, received_ms: int, lookups: Lookups) -> dict[str, Any
     """The enriched record of a validated event, with exactly its type's columns."""
     consent = Consent(event.consent)
     event_time = event.client_time_ms // 1000
-    day = datetime.fromtimestamp(event_time, UTC).strftime("%Y-%m-%d")
+    day = (
+        datetime.fromtimestamp(event_time, UTC).strftime("%Y-%m-%d")
+        if consent is Consent.ANONYMOUS
+        else ""
+    )
     if event.user_agent:
         agent = parse_user_agent(event.user_agent)
     else:

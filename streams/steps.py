@@ -9,9 +9,9 @@ from typing import Literal
 
 import orjson
 
+from schemas.dead_letter import dead_letter
 from schemas.reasons import ReasonCode
 from schemas.validation import InvalidEvent, decode_event
-from streams.dead_letter import dead_letter
 from streams.dedupe import RecentEventIds
 from streams.enrich import Lookups, enrich
 

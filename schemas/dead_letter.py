@@ -1,5 +1,7 @@
 """Dead letters: what is kept of a refused event, which is only why and where it came from.
 
+Part of the contract: the stream step and the sink both write them, and alerts read them.
+
 A dead letter never holds a value of the event: no content, no raw id, no IP. The event type
 and version are kept only when they are declared ones, so even those cannot smuggle text.
 """
