@@ -22,15 +22,9 @@ from deploy.clickhouse import (
 )
 from sinks.backends import ServerClickHouse
 from tests.clickhouse_fixtures import clickhouse_unavailable
+from tests.services import free_ports
 
 pytestmark = pytest.mark.clickhouse
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _processes_using(config: Path) -> list[int]:
@@ -75,7 +69,7 @@ def _start(state_dir: Path, tcp_port: int, http_port: int) -> ClickHouseServer:
 
 def test_start_is_idempotent(state_dir: Path) -> None:
     """A second start on the same state folder returns the running server, same pid."""
-    tcp_port, http_port = _free_port(), _free_port()
+    tcp_port, http_port = free_ports(2)
 
     first = _start(state_dir, tcp_port, http_port)
     second = start_clickhouse_server(state_dir, tcp_port=tcp_port, http_port=http_port)
@@ -88,7 +82,7 @@ def test_start_is_idempotent(state_dir: Path) -> None:
 
 def test_server_keeps_every_file_under_its_state_folder(state_dir: Path) -> None:
     """Data, logs and pid file land in the state folder, and the server runs in UTC."""
-    server = _start(state_dir, _free_port(), _free_port())
+    server = _start(state_dir, *free_ports(2))
 
     with ServerClickHouse(server.host, server.tcp_port, database="layout") as backend:
         backend.execute("CREATE TABLE t (x UInt8) ENGINE = MergeTree() ORDER BY x")
@@ -103,7 +97,7 @@ def test_server_keeps_every_file_under_its_state_folder(state_dir: Path) -> None
 
 def test_stop_leaves_no_process(state_dir: Path) -> None:
     """Stop ends the server's whole process group, frees its ports, and reports it stopped."""
-    server = _start(state_dir, _free_port(), _free_port())
+    server = _start(state_dir, *free_ports(2))
 
     assert stop_clickhouse_server(state_dir) is True
 
@@ -124,6 +118,6 @@ def test_a_taken_port_fails_with_one_clear_line(state_dir: Path) -> None:
         taken = squatter.getsockname()[1]
 
         with pytest.raises(ClickHouseStartError, match=f"port {taken} .* already in use") as err:
-            start_clickhouse_server(state_dir, tcp_port=taken, http_port=_free_port())
+            start_clickhouse_server(state_dir, tcp_port=taken, http_port=free_ports(1)[0])
 
     assert "\n" not in str(err.value)

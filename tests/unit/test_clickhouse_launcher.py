@@ -2,19 +2,13 @@
 start-up, and no binary at all."""
 
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 
 from deploy import clickhouse
 from deploy.clickhouse import ClickHouseStartError, start_clickhouse_server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.services import free_ports
 
 
 @pytest.fixture
@@ -29,8 +23,9 @@ def test_an_early_exit_names_the_log_and_leaves_nothing(
     script = "echo 'cannot open data folder' >&2; exit 3"
     monkeypatch.setattr(clickhouse, "find_clickhouse_server_command", lambda: ["sh", "-c", script])
 
+    tcp_port, http_port = free_ports(2)
     with pytest.raises(ClickHouseStartError) as err:
-        start_clickhouse_server(state_dir, tcp_port=_free_port(), http_port=_free_port())
+        start_clickhouse_server(state_dir, tcp_port=tcp_port, http_port=http_port)
 
     message = str(err.value)
     assert message.splitlines()[0].startswith("clickhouse-server exited during start-up")
