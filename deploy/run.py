@@ -14,11 +14,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from deploy.interrupts import interrupts_deferred
 from deploy.kafka import ensure_topics, fetch_broker_jars, start_kafka, stop_kafka
 from deploy.settings import Settings, settings_environ
 from deploy.wiring import kafka_jars_dir, open_backend, sink_config, topic_names, topic_specs
@@ -30,6 +31,9 @@ from sinks.report import format_logins_per_hour, logins_per_hour
 from sinks.writer import ClickHouseWriter
 
 log = logging.getLogger(__name__)
+
+WORKLOAD_SPAN_MS = 6 * 3_600_000
+"""The replayed events' client times spread over the six hours before the run."""
 
 
 @dataclass
@@ -43,7 +47,11 @@ class RunSummary:
 
 @contextlib.contextmanager
 def kafka_for(settings: Settings) -> Iterator[str]:
-    """The configured cluster, or a local broker started here and stopped on exit."""
+    """The configured cluster, or a local broker started here and stopped on exit.
+
+    The stop is in place before the start begins, so an interrupt at any moment of the start
+    leaves no broker behind (stop_kafka finds it by its pid file).
+    """
     if settings.kafka_bootstrap:
         yield settings.kafka_bootstrap
         return
@@ -52,13 +60,13 @@ def kafka_for(settings: Settings) -> Iterator[str]:
         log.info("fetched Kafka broker jars into %s", jars)
     else:
         log.info("reusing cached Kafka broker jars in %s", jars)
-    broker = start_kafka(
-        settings.state_dir / "kafka",
-        jars,
-        port=settings.kafka_port,
-        controller_port=settings.kafka_controller_port,
-    )
     try:
+        broker = start_kafka(
+            settings.state_dir / "kafka",
+            jars,
+            port=settings.kafka_port,
+            controller_port=settings.kafka_controller_port,
+        )
         yield broker.bootstrap
     finally:
         stop_kafka(settings.state_dir / "kafka")
@@ -70,45 +78,119 @@ def stream_worker(settings: Settings, bootstrap: str) -> Iterator[subprocess.Pop
     log_path = settings.state_dir / "logs" / "worker.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **settings_environ(settings), "TALLY_KAFKA_BOOTSTRAP": bootstrap}
-    with open(log_path, "ab") as log_file:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "deploy.cli", "worker"],
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    log.info("stream worker started (pid %d, log %s)", worker.pid, log_path)
+    worker: subprocess.Popen[bytes] | None = None
     try:
+        with interrupts_deferred(), open(log_path, "ab") as log_file:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "deploy.cli", "worker"],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        log.info("stream worker started (pid %d, log %s)", worker.pid, log_path)
         yield worker
     finally:
+        if worker is not None:
+            _stop_process_group(worker)
+
+
+def _stop_process_group(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(worker.pid, signal.SIGTERM)
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+class StageFailed(RuntimeError):
+    """A stage of the pipeline stopped on its own; the message says which and where to look."""
+
+
+class SinkThread:
+    """The ClickHouse sink in a thread of this process, whose death is noticed, not silent."""
+
+    def __init__(self, sink: EnrichedSink) -> None:
+        self.sink = sink
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sink")
+
+    def _run(self) -> None:
         try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+            self.sink.run(self._stop)
+        except BaseException as err:
+            self.error = err
+            log.error("the ClickHouse sink stopped: %s", _one_line(err))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def check(self) -> None:
+        """Raise StageFailed if the sink thread has ended without being asked to."""
+        if not self._thread.is_alive() and not self._stop.is_set():
+            cause = _one_line(self.error) if self.error else "it returned"
+            raise StageFailed(f"the ClickHouse sink stopped: {cause}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sink.close()
 
 
-def replay_workload(settings: Settings, bootstrap: str) -> int:
-    """Send the seeded workload, paced over ``workload_duration_s``, with a progress bar."""
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}"[:300]
+
+
+@contextlib.contextmanager
+def sink_thread(sink: EnrichedSink) -> Iterator[SinkThread]:
+    thread = SinkThread(sink)
+    try:
+        thread.start()
+        yield thread
+    finally:
+        thread.stop()
+
+
+def check_worker(worker: subprocess.Popen[bytes], settings: Settings) -> None:
+    """Raise StageFailed if the stream worker has exited."""
+    code = worker.poll()
+    if code is not None:
+        raise StageFailed(
+            f"the stream worker exited with status {code}; see "
+            f"{settings.state_dir / 'logs' / 'worker.log'}"
+        )
+
+
+def replay_workload(
+    settings: Settings, bootstrap: str, check_stages: Callable[[], None] = lambda: None
+) -> int:
+    """Send the seeded workload, paced over ``workload_duration_s``, with a progress bar;
+    ``check_stages`` runs while it waits, so a failed stage stops the replay."""
     events = generate_workload(
         seed=settings.workload_seed,
         clients=settings.workload_clients,
         events=settings.workload_events,
         end_ms=int(time.time() * 1000),
-        span_ms=6 * 3_600_000,
+        span_ms=WORKLOAD_SPAN_MS,
     )
-    producer = TallyProducer(bootstrap, topic_names(settings))
+    producer = TallyProducer(
+        bootstrap, topic_names(settings), compression_type=settings.kafka_compression_type
+    )
     started = time.monotonic()
     pace = settings.workload_duration_s / len(events)
+    log.info("replaying %d events over %.0f s", len(events), settings.workload_duration_s)
     try:
         progress = tqdm(events, desc="events", unit="ev", file=sys.stderr, disable=None)
         for n, event in enumerate(progress):
             producer.emit(event)
             ahead = started + n * pace - time.monotonic()
             if ahead > 0:
+                check_stages()
                 time.sleep(ahead)  # pacing the replay, not synchronizing
         producer.flush(timeout_s=60)
     finally:
@@ -117,42 +199,36 @@ def replay_workload(settings: Settings, bootstrap: str) -> int:
 
 
 def run_pipeline(settings: Settings, *, drain_timeout_s: float = 180.0) -> RunSummary:
-    """Run the whole pipeline once; see the module docstring."""
+    """Run the whole pipeline once; see the module docstring.
+
+    Raises StageFailed when the worker or the sink stops on its own. Whatever happens,
+    everything started here is stopped in order: worker, sink, broker, ClickHouse.
+    """
     t0 = time.time()
-    backend = open_backend(settings)
-    try:
+    with contextlib.closing(open_backend(settings)) as backend:
         apply_migrations(backend)
-        writer = ClickHouseWriter(backend)
-        with kafka_for(settings) as bootstrap:
+        with contextlib.ExitStack() as stages:
+            bootstrap = stages.enter_context(kafka_for(settings))
             ensure_topics(bootstrap, topic_specs(settings))
-            stop = threading.Event()
-            sink = EnrichedSink(sink_config(settings, bootstrap), writer)
-            sink_thread = threading.Thread(target=sink.run, args=(stop,), name="sink")
-            with stream_worker(settings, bootstrap) as worker:
-                sink_thread.start()
-                try:
-                    sent = replay_workload(settings, bootstrap)
-                    deadline = time.monotonic() + drain_timeout_s
-                    while sink.rows_written < sent and time.monotonic() < deadline:
-                        if worker.poll() is not None:
-                            raise RuntimeError(
-                                "the stream worker exited; see "
-                                f"{settings.state_dir / 'logs' / 'worker.log'}"
-                            )
-                        stop.wait(0.2)
-                    if sink.rows_written < sent:
-                        log.warning(
-                            "only %d of %d events reached ClickHouse before the deadline",
-                            sink.rows_written,
-                            sent,
-                        )
-                finally:
-                    stop.set()
-                    if sink_thread.is_alive():
-                        sink_thread.join()
-                    sink.close()
+            sink = EnrichedSink(sink_config(settings, bootstrap), ClickHouseWriter(backend))
+            sinking = stages.enter_context(sink_thread(sink))
+            worker = stages.enter_context(stream_worker(settings, bootstrap))
+
+            def check_stages() -> None:
+                check_worker(worker, settings)
+                sinking.check()
+
+            sent = replay_workload(settings, bootstrap, check_stages)
+            deadline = time.monotonic() + drain_timeout_s
+            while sink.rows_written < sent and time.monotonic() < deadline:
+                check_stages()
+                time.sleep(0.2)  # polling the sink's count against the deadline
+            if sink.rows_written < sent:
+                log.warning(
+                    "only %d of %d events reached ClickHouse before the deadline",
+                    sink.rows_written,
+                    sent,
+                )
         report = format_logins_per_hour(logins_per_hour(backend))
-    finally:
-        backend.close()
     first = sink.first_write_at - t0 if sink.first_write_at else None
     return RunSummary(sent, sink.rows_written, first, time.time() - t0, report)

@@ -1,7 +1,7 @@
 """Aggregate queries that `tally report` and `tally run` print."""
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from schemas.enriched import table_name
 from sinks.backends import ClickHouseBackend
@@ -20,14 +20,23 @@ class LoginHour:
 
 
 def logins_per_hour(backend: ClickHouseBackend) -> list[LoginHour]:
-    """Logins, failed logins and distinct pseudonymous users per hour (deduplicated)."""
+    """Logins, failed logins and distinct pseudonymous users per hour (deduplicated), every
+    hour from the first to the last that has logins."""
     rows = backend.query(
         "SELECT toStartOfHour(event_time) AS hour, toUInt64(count()) AS logins, "
         "toUInt64(countIf(outcome = 'failure')) AS failures, "
         "toUInt64(uniqExactIf(user_pseudonym, user_pseudonym != '')) AS users "
         f"FROM {table_name('login')} FINAL GROUP BY hour ORDER BY hour"
     )
-    return [LoginHour(hour, logins, failures, users) for hour, logins, failures, users in rows]
+    found = {hour: LoginHour(hour, *counts) for hour, *counts in rows}
+    if not found:
+        return []
+    hours, last = [], max(found)
+    hour = min(found)
+    while hour <= last:  # an hour without logins is a row of zeros, not a gap
+        hours.append(found.get(hour, LoginHour(hour, 0, 0, 0)))
+        hour += timedelta(hours=1)
+    return hours
 
 
 def format_logins_per_hour(hours: list[LoginHour]) -> str:
