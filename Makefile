@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test: $(STAMP) lint
-	bash deploy/install-system-packages.sh --clickhouse-server
+	bash deploy/install-system-packages.sh --tests
 	$(BIN)/python -m pytest
 
 clean:

@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Debian packages Tally needs beside Python: Java 17+ and Maven (Kafka's broker jars come from
-# Maven Central), and with --clickhouse-server the server backend the tests run every sink
-# test on (`tally run` uses embedded ClickHouse and needs no server).
+# Maven Central), and with --tests what only the tests use: clickhouse-server, the server
+# backend every sink test runs on (`tally run` uses embedded ClickHouse and needs no server),
+# and kcat, a Kafka client on librdkafka that produces compressed batches as non-Python
+# clients do.
 # Installs only what is missing; needs root or sudo for that.
 set -euo pipefail
 
 missing=()
 command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)
-if [ "${1:-}" = "--clickhouse-server" ]; then
+if [ "${1:-}" = "--tests" ]; then
   [ -x /usr/sbin/clickhouse-server ] || [ -x /usr/bin/clickhouse-server ] || missing+=(clickhouse-server)
+  command -v kcat >/dev/null || missing+=(kcat)
+elif [ -n "${1:-}" ]; then
+  echo "usage: $0 [--tests]" >&2
+  exit 2
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 

@@ -62,6 +62,7 @@ def stream_config(settings: Settings, bootstrap: str) -> StreamConfig:
         batch_size=settings.stream_batch_size,
         session_timeout_s=settings.session_timeout_s,
         state_dir=str(settings.state_dir / "faust"),
+        compression_type=settings.kafka_compression_type,
     )
 
 
@@ -72,4 +73,5 @@ def sink_config(settings: Settings, bootstrap: str) -> SinkConfig:
         group_id=f"{settings.topic_namespace}tally-sink-{settings.clickhouse_backend}",
         batch_size=settings.sink_batch_size,
         batch_interval_s=settings.sink_batch_interval_s,
+        compression_type=settings.kafka_compression_type,
     )

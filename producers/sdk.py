@@ -48,7 +48,10 @@ def prepare_event(event: Envelope, now_ms: int, consent_now: Consent | None = No
 
 
 class TallyProducer:
-    """Sends events to the raw topic with kafka-python. ``flush`` blocks until all are acked."""
+    """Sends events to the raw topic with kafka-python. ``flush`` blocks until all are acked.
+
+    ``compression_type`` is the batches' codec: gzip, snappy, lz4, zstd, or None for none.
+    """
 
     def __init__(
         self,
@@ -56,13 +59,18 @@ class TallyProducer:
         topics: TopicNames,
         *,
         consent: Consent | None = None,
+        compression_type: str | None = "zstd",
         **kafka_options: Any,
     ) -> None:
         self.topic = topics.raw
         self.consent = consent
         """The user's current choice; None leaves each event's own level in force."""
         self._producer = KafkaProducer(
-            bootstrap_servers=bootstrap, acks="all", linger_ms=5, **kafka_options
+            bootstrap_servers=bootstrap,
+            acks="all",
+            linger_ms=5,
+            compression_type=compression_type,
+            **kafka_options,
         )
 
     def emit(self, event: Envelope) -> None:

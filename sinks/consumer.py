@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 from kafka import KafkaConsumer, KafkaProducer
+from kafka.errors import CommitFailedError
 
 from schemas.dead_letter import dead_letter
 from schemas.reasons import ReasonCode
@@ -32,6 +33,8 @@ class SinkConfig:
     batch_size: int = 5000
     batch_interval_s: float = 1.0
     max_backoff_s: float = 30.0
+    compression_type: str | None = "zstd"
+    """The codec of the dead-letter batches; None: uncompressed."""
 
 
 class EnrichedSink:
@@ -51,20 +54,25 @@ class EnrichedSink:
             auto_offset_reset="earliest",
             max_poll_records=config.batch_size,
         )
-        self._producer = KafkaProducer(bootstrap_servers=config.bootstrap, acks="all")
+        self._producer = KafkaProducer(
+            bootstrap_servers=config.bootstrap,
+            acks="all",
+            compression_type=config.compression_type,
+        )
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
         self._producer.close()
 
-    def _dead_letter(self, message: Any) -> None:
+    def _dead_letter(self, message: Any, reason: ReasonCode, event_type: Any = None) -> None:
         letter = dead_letter(
-            ReasonCode.INVALID_FIELD,
+            reason,
             field=None,
             source_topic=message.topic,
             partition=message.partition,
             offset=message.offset,
             received_ms=message.timestamp,
+            event_type=event_type,
         )
         self._producer.send(self.config.topics.dead, letter)
         self.dead_letters += 1
@@ -90,9 +98,16 @@ class EnrichedSink:
         grouped: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
         for message in messages:
             try:
-                event_type, row = to_row(orjson.loads(message.value))
-            except (orjson.JSONDecodeError, RecordOutOfContract, TypeError):
-                self._dead_letter(message)
+                record = orjson.loads(message.value)
+            except (orjson.JSONDecodeError, TypeError):
+                record = None
+            if not isinstance(record, dict):
+                self._dead_letter(message, ReasonCode.MALFORMED_JSON)
+                continue
+            try:
+                event_type, row = to_row(record)
+            except RecordOutOfContract:
+                self._dead_letter(message, ReasonCode.INVALID_FIELD, record.get("event_type"))
                 continue
             grouped[event_type].append(row)
         backoff = 0.2
@@ -107,7 +122,13 @@ class EnrichedSink:
                 backoff = min(backoff * 2, self.config.max_backoff_s)
         if self.dead_letters:
             self._producer.flush()
-        self._consumer.commit()
+        try:
+            self._consumer.commit()
+        except CommitFailedError:
+            # The group rebalanced under us: whoever owns the partitions now replays this
+            # batch, and the tables keep one row per event id, so this is no loss.
+            log.warning("offsets not committed after a rebalance; the batch will be replayed")
+        log.debug("wrote %d rows from %d messages", written, len(messages))
         if written and self.first_write_at is None:
             self.first_write_at = time.time()
         self.rows_written += written

@@ -33,6 +33,8 @@ class StreamConfig:
     batch_within_s: float = 0.2
     session_timeout_s: float = 10.0
     state_dir: str | None = None
+    compression_type: str | None = "zstd"
+    """The codec of the batches the worker produces; None: uncompressed."""
 
 
 def create_app(config: StreamConfig, lookups: Lookups) -> faust.App:
@@ -51,6 +53,7 @@ def create_app(config: StreamConfig, lookups: Lookups) -> faust.App:
         topic_allow_declare=False,
         topic_disable_leader=True,
         producer_acks=-1,
+        producer_compression_type=config.compression_type,
     )
     raw = app.topic(config.topics.raw, key_serializer="raw", value_serializer="raw")
     enriched = app.topic(config.topics.enriched, key_serializer="raw", value_serializer="raw")

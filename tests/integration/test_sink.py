@@ -1,26 +1,33 @@
 """The sink on real Kafka and both ClickHouse backends: commit after insert, never lose,
 never double count, dead-letter what cannot be a row."""
 
+import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 
 import orjson
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
+from deploy.clickhouse import ClickHouseStartError, start_clickhouse_server, stop_clickhouse_server
 from deploy.kafka import ensure_topics
+from deploy.run import SinkThread, StageFailed, sink_thread
 from deploy.settings import load_settings
 from deploy.wiring import sink_config, topic_specs
 from schemas.enriched import table_name
 from schemas.examples import EXAMPLES
 from schemas.validation import decode_event
-from sinks.backends import ClickHouseBackend
+from sinks.backends import ClickHouseBackend, ServerClickHouse
 from sinks.consumer import EnrichedSink, SinkConfig
 from sinks.migrations import apply_migrations
 from sinks.writer import ClickHouseWriter
 from streams.enrich import NOWHERE, Lookups, enrich
 from streams.pseudonymize import HmacKey, Pseudonymizer
+from tests.clickhouse_fixtures import clickhouse_unavailable
+from tests.services import free_ports
 
 DEADLINE_S = 60.0
 KEY = HmacKey("k-sink", bytes(32))
@@ -68,8 +75,8 @@ def count_logins(backend: ClickHouseBackend) -> int:
 
 
 def test_a_record_out_of_contract_is_dead_lettered(config: SinkConfig, backend):
-    """A record that cannot be a row goes to the dead-letter topic, redacted; the rest are
-    written."""
+    """A record that cannot be a row goes to the dead-letter topic, redacted, with its reason
+    (malformed_json when it is not JSON) and declared type; the rest are written."""
     apply_migrations(backend)
     produce(config, [*enriched_logins(3), b'{"event_type": "login", "x": "zq7MARKzq7"}',
                      b"not json zq7MARKzq7"])  # fmt: skip
@@ -83,7 +90,9 @@ def test_a_record_out_of_contract_is_dead_lettered(config: SinkConfig, backend):
                          auto_offset_reset="earliest", consumer_timeout_ms=2000)  # fmt: skip
     letters = [orjson.loads(m.value) for m in dead]
     dead.close()
-    assert [letter["reason"] for letter in letters] == ["invalid_field", "invalid_field"]
+    assert sorted((letter["reason"], letter["event_type"]) for letter in letters) == [
+        ("invalid_field", "login"), ("malformed_json", None)
+    ]  # fmt: skip
     assert "zq7MARKzq7" not in str(letters), "a dead letter carried a value of the record"
 
 
@@ -109,3 +118,62 @@ def test_offsets_wait_for_clickhouse(config: SinkConfig, backend):
     finally:
         sink.close()
     assert sink.rows_written == 4 and count_logins(backend) == 4
+
+
+def _poll(condition: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.1)
+
+
+def test_the_sink_rides_out_a_clickhouse_server_restart(
+    config: SinkConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """With the server stopped mid-run the sink retries with backoff and keeps its offsets;
+    once the server is back it writes every record exactly once, without a restart."""
+    caplog.set_level(logging.WARNING, logger="sinks.consumer")
+    state = tmp_path / "clickhouse"
+    tcp_port, http_port = free_ports(2)
+    try:
+        try:
+            server = start_clickhouse_server(state, tcp_port=tcp_port, http_port=http_port)
+        except ClickHouseStartError as exc:
+            clickhouse_unavailable(str(exc))
+        backend = ServerClickHouse(server.host, server.tcp_port, database="restart")
+        apply_migrations(backend)
+        sink = EnrichedSink(config, ClickHouseWriter(backend))
+        with sink_thread(sink) as sinking:
+            produce(config, enriched_logins(50))
+            _poll(lambda: sink.rows_written >= 50, "the first 50 rows are written")
+            stop_clickhouse_server(state)
+            produce(config, enriched_logins(50))
+            _poll(lambda: "ClickHouse insert failed" in caplog.text, "an insert fails")
+            sinking.check()
+            assert sink.rows_written == 50
+            start_clickhouse_server(state, tcp_port=tcp_port, http_port=http_port)
+            _poll(lambda: sink.rows_written >= 100, "the sink catches up")
+            sinking.check()
+        rows = backend.query(f"SELECT count(), uniqExact(event_id) FROM {table_name('login')}")
+        assert rows == [(100, 100)]
+        backend.close()
+    finally:
+        stop_clickhouse_server(state)
+
+
+def test_a_sink_that_dies_is_reported_not_silent(config: SinkConfig, backend):
+    """When the sink's loop fails (here its consumer is closed under it), the thread's
+    check raises StageFailed naming the error, so `tally run` stops instead of waiting."""
+    apply_migrations(backend)
+    sink = EnrichedSink(config, ClickHouseWriter(backend))
+    sinking = SinkThread(sink)
+    sinking.start()
+    try:
+        sink._consumer.close()  # the failure: every later poll raises
+        deadline = time.monotonic() + 30
+        with pytest.raises(StageFailed, match=r"the ClickHouse sink stopped: .*closed"):
+            while time.monotonic() < deadline:
+                sinking.check()
+                time.sleep(0.1)
+    finally:
+        sinking.stop()

@@ -3,6 +3,7 @@
 import pytest
 
 from deploy.settings import Secret, SettingsError, load_settings, settings_environ
+from deploy.wiring import sink_config, stream_config
 
 
 def test_environment_overrides_toml(tmp_path):
@@ -20,6 +21,11 @@ def test_environment_overrides_toml(tmp_path):
         ({"TALLY_KAFKA_PORT": "ninety"}, "TALLY_KAFKA_PORT: not a valid integer"),
         ({"TALLY_KAFKA_PORT": "70000"}, "TALLY_KAFKA_PORT: not a TCP port"),
         ({"TALLY_CLICKHOUSE_BACKEND": "sqlite"}, "TALLY_CLICKHOUSE_BACKEND"),
+        (
+            {"TALLY_KAFKA_COMPRESSION": "brotli"},
+            "TALLY_KAFKA_COMPRESSION: not a valid choice (none, gzip, snappy, lz4 or zstd)",
+        ),
+        ({"TALLY_KAFKA_COMPRESSION": "LZ4"}, "TALLY_KAFKA_COMPRESSION: not a valid choice"),
         ({"TALLY_KAFKA_BOOTSTARP": "x"}, "TALLY_KAFKA_BOOTSTARP: unknown setting"),
         ({"TALLY_SINK_BATCH_SIZE": "0"}, "TALLY_SINK_BATCH_SIZE: must be at least 1"),
         ({"TALLY_CONFIG": "/nonexistent.toml"}, "TALLY_CONFIG: cannot read"),
@@ -31,6 +37,30 @@ def test_bad_values_fail_in_one_line_naming_the_variable(environ, message):
         load_settings(environ)
     assert str(caught.value).startswith(message)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("codec", ["none", "gzip", "snappy", "lz4", "zstd"])
+def test_kafka_compression_reaches_every_producer(codec):
+    """Each standard codec is a valid TALLY_KAFKA_COMPRESSION, handed to the stream worker's
+    and the sink's producers as Kafka clients name it (none: None)."""
+    settings = load_settings({"TALLY_KAFKA_COMPRESSION": codec})
+    expected = None if codec == "none" else codec
+    assert settings.kafka_compression == codec
+    assert settings.kafka_compression_type == expected
+    assert stream_config(settings, "b:1").compression_type == expected
+    assert sink_config(settings, "b:1").compression_type == expected
+    assert load_settings(settings_environ(settings)) == settings
+
+
+def test_kafka_compression_defaults_to_zstd(tmp_path):
+    """Unset, batches are zstd; a TOML file may choose another codec but not a made-up one."""
+    assert load_settings({}).kafka_compression == "zstd"
+    config = tmp_path / "tally.toml"
+    config.write_text('kafka_compression = "lz4"\n')
+    assert load_settings({"TALLY_CONFIG": str(config)}).kafka_compression == "lz4"
+    config.write_text("kafka_compression = 4\n")
+    with pytest.raises(SettingsError, match=r"^TALLY_KAFKA_COMPRESSION: not a valid choice"):
+        load_settings({"TALLY_CONFIG": str(config)})
 
 
 def test_secrets_never_show(tmp_path):
