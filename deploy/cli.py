@@ -7,13 +7,19 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from deploy.interrupts import Interrupted, install_interrupt_handlers
+from deploy.kafka import TopicMismatchError
 from deploy.settings import Settings, SettingsError, load_settings
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
-    from deploy.run import run_pipeline
+    from deploy.run import StageFailed, run_pipeline
 
-    summary = run_pipeline(settings)
+    try:
+        summary = run_pipeline(settings)
+    except StageFailed as err:
+        print(f"tally: {err}; everything started was stopped", file=sys.stderr)
+        return 1
     print()
     print("Logins per hour, read back from ClickHouse:")
     print(summary.report)
@@ -117,6 +123,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Kafka clients log whole protocol messages at DEBUG, record batches with raw ids and IPs
+# among them: Tally's DEBUG never reaches them. kafka-python says a line per connection at INFO.
+_KAFKA_CLIENT_LOG_LEVELS = {"aiokafka": logging.INFO, "kafka": logging.WARNING}
+
+
+def configure_logging(level: str) -> None:
+    """Tally's log format at ``level``, with the Kafka clients held back (see above)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name, floor in _KAFKA_CLIENT_LOG_LEVELS.items():
+        logging.getLogger(name).setLevel(max(floor, logging.getLevelName(level)))
+
+
 _OVERRIDES = ("workload_events", "workload_clients", "workload_duration_s", "workload_seed")
 
 
@@ -130,16 +148,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as err:
         print(f"tally: invalid configuration: {err}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    if settings.log_level != "DEBUG":
-        logging.getLogger("kafka").setLevel(logging.WARNING)  # one line per connection, else
+    configure_logging(settings.log_level)
+    if args.command != "worker":  # Faust handles the worker's signals itself
+        install_interrupt_handlers()
     try:
         return int(args.handler(settings, args))
     except SettingsError as err:
         print(f"tally: invalid configuration: {err}", file=sys.stderr)
         return 2
+    except TopicMismatchError as err:
+        print(f"tally: {err}", file=sys.stderr)
+        return 1
+    except Interrupted as err:
+        print("tally: interrupted; everything started was stopped", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("tally: interrupted; everything started was stopped", file=sys.stderr)
         return 130

@@ -35,6 +35,8 @@ from xml.sax.saxutils import escape
 from clickhouse_driver import Client
 from clickhouse_driver.errors import Error as DriverError
 
+from deploy.interrupts import interrupts_deferred
+
 HOST = "127.0.0.1"
 _TEMPLATES = Path(__file__).resolve().parent / "clickhouse"
 # Debian installs the server in /usr/sbin, which is not on every user's PATH.
@@ -175,8 +177,16 @@ def start_clickhouse_server(
                     "stop it or choose other ports"
                 )
         _render_config(layout, tcp_port, http_port)
-        pid = _spawn(command, layout)
-        _wait_ready(pid, layout, tcp_port, time.monotonic() + timeout_s, started=True)
+        pid = None
+        try:
+            with interrupts_deferred():  # the server is under this cleanup from its first instant
+                pid = _spawn(command, layout)
+            _wait_ready(pid, layout, tcp_port, time.monotonic() + timeout_s, started=True)
+        except (KeyboardInterrupt, SystemExit):
+            if pid is not None:
+                _terminate(pid, layout, _KILL_GRACE_S)
+                layout.pid_file.unlink(missing_ok=True)
+            raise
         return _server(pid, layout, tcp_port, http_port)
 
 

@@ -14,8 +14,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-
 from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+from kafka.errors import KafkaTimeoutError, UnknownTopicOrPartitionError
 
 from deploy.kafka import (
+    KafkaBroker,
     KafkaStartError,
     TopicSpec,
     ensure_topics,
@@ -23,12 +25,8 @@ from deploy.kafka import (
     start_kafka,
     stop_kafka,
 )
-from tests.kafka_fixtures import (
-    KAFKA_CONTROLLER_PORT,
-    KAFKA_JARS_DIR,
-    KAFKA_PORT,
-    KAFKA_STATE_DIR,
-)
+from tests.kafka_fixtures import KAFKA_JARS_DIR, KAFKA_STATE_DIR
+from tests.services import free_ports
 
 pytestmark = pytest.mark.kafka
 
@@ -44,26 +42,26 @@ def _process_gone(pid: int) -> bool:
     return not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
+def _port(broker: KafkaBroker) -> int:
+    return int(broker.bootstrap.rpartition(":")[2])
+
+
 def test_start_reuses_running_broker(
-    kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
+    kafka_broker: KafkaBroker, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Starting again on a running state directory returns the same JVM instead of a second one."""
     caplog.set_level(logging.INFO, logger="deploy.kafka")
-    first = start_kafka(
-        KAFKA_STATE_DIR, KAFKA_JARS_DIR, port=KAFKA_PORT, controller_port=KAFKA_CONTROLLER_PORT
-    )
-    second = start_kafka(
-        KAFKA_STATE_DIR, KAFKA_JARS_DIR, port=KAFKA_PORT, controller_port=KAFKA_CONTROLLER_PORT
-    )
-    assert first == second
-    assert first.bootstrap == kafka_bootstrap
+    first = start_kafka(KAFKA_STATE_DIR, KAFKA_JARS_DIR, port=_port(kafka_broker))
+    second = start_kafka(KAFKA_STATE_DIR, KAFKA_JARS_DIR, port=_port(kafka_broker))
+    assert first == second == kafka_broker
     assert "reusing running Kafka broker" in caplog.text
 
 
-def test_start_refuses_other_port_for_running_broker(kafka_bootstrap: str) -> None:
+def test_start_refuses_other_port_for_running_broker(kafka_broker: KafkaBroker) -> None:
     """A running broker is not silently reused on a port it does not listen on."""
+    (other,) = free_ports(1)
     with pytest.raises(KafkaStartError, match="stop it first"):
-        start_kafka(KAFKA_STATE_DIR, KAFKA_JARS_DIR, port=KAFKA_PORT + 100)
+        start_kafka(KAFKA_STATE_DIR, KAFKA_JARS_DIR, port=other)
 
 
 def test_cached_jars_are_not_fetched_again(kafka_bootstrap: str) -> None:
@@ -72,8 +70,9 @@ def test_cached_jars_are_not_fetched_again(kafka_bootstrap: str) -> None:
 
 
 def test_kafka_python_round_trip(kafka_bootstrap: str) -> None:
-    """A message produced with kafka-python to a new (auto-created) topic is consumed back."""
+    """A message produced with kafka-python to a topic made by ensure_topics is consumed back."""
     topic = _unique_name("kafka-python")
+    ensure_topics(kafka_bootstrap, [TopicSpec(topic, partitions=1, retention_ms=None)])
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
     try:
         producer.send(topic, key=b"k", value=b"hello").get(timeout=_WAIT_S)
@@ -170,10 +169,40 @@ def test_aiokafka_round_trip(kafka_bootstrap: str) -> None:
 def test_stop_leaves_no_jvm(tmp_path: Path, kafka_bootstrap: str) -> None:
     """stop_kafka ends a broker's JVM, and a second stop finds nothing to stop."""
     state_dir = tmp_path / "state"
-    broker = start_kafka(
-        state_dir, KAFKA_JARS_DIR, port=KAFKA_PORT + 10, controller_port=KAFKA_CONTROLLER_PORT + 10
-    )
+    port, controller_port = free_ports(2)
+    broker = start_kafka(state_dir, KAFKA_JARS_DIR, port=port, controller_port=controller_port)
     assert not _process_gone(broker.pid)
     assert stop_kafka(state_dir) is True
     assert _process_gone(broker.pid)
     assert stop_kafka(state_dir) is False
+
+
+def test_broker_does_not_create_topics_on_demand(tmp_path: Path, kafka_bootstrap: str) -> None:
+    """On a broker Tally starts, producing to a missing topic fails fast and creates nothing."""
+    state_dir = tmp_path / "state"
+    port, controller_port = free_ports(2)
+    broker = start_kafka(state_dir, KAFKA_JARS_DIR, port=port, controller_port=controller_port)
+    topic = _unique_name("missing")
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+        try:
+            setting = admin.describe_configs(
+                [ConfigResource(ConfigResourceType.BROKER, "1", ["auto.create.topics.enable"])],
+                config_filter="all",
+            )["broker"]["1"]["auto.create.topics.enable"]
+            assert setting["value"] == "false"
+            producer = KafkaProducer(bootstrap_servers=broker.bootstrap, max_block_ms=3_000)
+            started = time.monotonic()
+            try:
+                with pytest.raises(KafkaTimeoutError):
+                    producer.send(topic, value=b"hello").get(timeout=_WAIT_S)
+            finally:
+                producer.close()
+            assert time.monotonic() - started < _WAIT_S
+            assert topic not in admin.list_topics()
+            (described,) = admin.describe_topics([topic])
+            assert described["error_code"] == UnknownTopicOrPartitionError.errno
+        finally:
+            admin.close()
+    finally:
+        stop_kafka(state_dir)
