@@ -25,11 +25,18 @@ _MAX_WORDS: Final = 3
 
 
 class InvalidEvent(ValueError):
-    """An event refused with one reason code; carries no part of the event's values."""
+    """An event refused with one reason code; carries no part of the event's values.
 
-    def __init__(self, reason: ReasonCode, field: str | None = None) -> None:
+    ``event_type`` is kept only when it is one of the declared types, so it cannot carry
+    text either; dead letters report it.
+    """
+
+    def __init__(
+        self, reason: ReasonCode, field: str | None = None, event_type: object = None
+    ) -> None:
         self.reason = reason
         self.field = field if field in ALL_FIELD_NAMES else None
+        self.event_type = event_type if event_type in EVENT_TYPES else None
         super().__init__(f"{reason.value} ({self.field})" if self.field else reason.value)
 
 
@@ -84,35 +91,36 @@ def decode_event(raw: bytes, *, received_ms: int | None) -> Envelope:
         obj = None  # raised below, outside the handler, so no exception context holds input
     if not isinstance(obj, dict):
         raise InvalidEvent(ReasonCode.MALFORMED_JSON)
+    event_type = obj.get("event_type")
     forbidden = _first_forbidden_content(obj)
     if forbidden is not None:
-        raise InvalidEvent(ReasonCode.CONTENT_FORBIDDEN, forbidden or None)
-    event_type = obj.get("event_type")
+        raise InvalidEvent(ReasonCode.CONTENT_FORBIDDEN, forbidden or None, event_type)
     if not isinstance(event_type, str) or event_type not in EVENT_TYPES:
         raise InvalidEvent(ReasonCode.UNKNOWN_EVENT_TYPE, "event_type")
     version = obj.get("schema_version")
     if type(version) is not int:
-        raise InvalidEvent(ReasonCode.INVALID_FIELD, "schema_version")
+        raise InvalidEvent(ReasonCode.INVALID_FIELD, "schema_version", event_type)
     model = EVENT_MODELS.get((event_type, version))
     if model is None:
-        raise InvalidEvent(ReasonCode.UNSUPPORTED_VERSION, "schema_version")
+        raise InvalidEvent(ReasonCode.UNSUPPORTED_VERSION, "schema_version", event_type)
     refusal: InvalidEvent | None = None
     try:
         event = model.model_validate(obj)
     except ValidationError as err:
         errors = err.errors(include_url=False, include_input=False, include_context=False)
         if any(e["type"] == "extra_forbidden" for e in errors):
-            refusal = InvalidEvent(ReasonCode.CONTENT_FORBIDDEN)
+            refusal = InvalidEvent(ReasonCode.CONTENT_FORBIDDEN, None, event_type)
         else:
             loc = errors[0]["loc"] if errors else ()
-            refusal = InvalidEvent(ReasonCode.INVALID_FIELD, str(loc[0]) if loc else None)
+            field = str(loc[0]) if loc else None
+            refusal = InvalidEvent(ReasonCode.INVALID_FIELD, field, event_type)
     if refusal is not None:
         raise refusal  # outside the handler: pydantic's error, which quotes input, is gone
     received_ms = event.collector_time_ms or received_ms
     if received_ms is not None:
         ahead = event.client_time_ms - received_ms
         if ahead > MAX_FUTURE_SKEW_MS or -ahead > MAX_DELAY_MS:
-            raise InvalidEvent(ReasonCode.CLOCK_SKEW, "client_time_ms")
+            raise InvalidEvent(ReasonCode.CLOCK_SKEW, "client_time_ms", event_type)
     return event
 
 

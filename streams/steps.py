@@ -41,16 +41,18 @@ def validate_and_enrich(
     recent: RecentEventIds | None = None,
 ) -> Outcome:
     """Validate a raw event and enrich it; any refusal becomes a redacted dead letter."""
+    event = None
     try:
         event = decode_event(raw or b"", received_ms=origin.timestamp_ms)
         if recent is not None and recent.seen_before(event.event_id):
-            raise InvalidEvent(ReasonCode.DUPLICATE, "event_id")
+            raise InvalidEvent(ReasonCode.DUPLICATE, "event_id", event.event_type)
         received_ms = event.collector_time_ms or origin.timestamp_ms
         record = enrich(event, received_ms, lookups)
     except InvalidEvent as err:
-        reason, field = err.reason, err.field
+        reason, field, event_type = err.reason, err.field, err.event_type
     except Exception:  # a bug must cost one event, not the worker; the reason says so
         reason, field = ReasonCode.PROCESSING_ERROR, None
+        event_type = event.event_type if event is not None else None
     else:
         key = (record["user_pseudonym"] or record["event_id"]).encode()
         return Outcome("enriched", key, orjson.dumps(record))
@@ -61,5 +63,6 @@ def validate_and_enrich(
         partition=origin.partition,
         offset=origin.offset,
         received_ms=origin.timestamp_ms,
+        event_type=event_type,
     )
     return Outcome("dead", None, letter, reason)

@@ -1,13 +1,17 @@
-"""The thin path on real services: a login through real Kafka and the real Faust agent into
-each real ClickHouse backend, pseudonymized, with no raw id and no IP anywhere."""
+"""The thin path on real services: events under each consent level through real Kafka and the
+real Faust worker into each real ClickHouse backend. What each level keeps is checked column
+by column; no raw id, IP, referrer path, user agent or content is on any key or value of the
+enriched and dead-letter topics, in ClickHouse, or in a log line, at DEBUG."""
 
 import hashlib
 import hmac
+import logging
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
 import orjson
 import pytest
@@ -19,8 +23,9 @@ from deploy.settings import Settings, load_settings
 from deploy.wiring import sink_config, topic_names, topic_specs
 from producers.sdk import TallyProducer
 from schemas.enriched import ENRICHED_COLUMNS, table_name
-from schemas.events import LoginV1
+from schemas.events import EVENT_MODELS
 from schemas.examples import EXAMPLES
+from schemas.validation import encode_event
 from sinks.backends import ClickHouseBackend
 from sinks.consumer import EnrichedSink
 from sinks.migrations import apply_migrations
@@ -28,23 +33,101 @@ from sinks.writer import ClickHouseWriter
 
 HMAC_SECRET = bytes(range(32))
 DEADLINE_S = 90.0
+DAY_MS = 86_400_000
+IP = "81.2.69.160"
+REFERRER_PATH = "/zq7-private-path/thread"
+REFERRER = f"https://www.example.org{REFERRER_PATH}?q=zq7query"
+USER_AGENT = EXAMPLES["login"]["user_agent"]
+CONTENT_MARK = "zq7-see-you-at-nine-zq7"
+
+
+def pseudonym(message: str) -> str:
+    return hmac.new(HMAC_SECRET, message.encode(), hashlib.sha256).hexdigest()
+
+
+def utc_day(ms: int) -> str:
+    return datetime.fromtimestamp(ms // 1000, UTC).strftime("%Y-%m-%d")
 
 
 @dataclass(frozen=True)
-class SentLogin:
-    settings: Settings
-    user_id: str
-    ip: str
+class Sent:
+    """One event sent on purpose, with its raw ids and what each consent must leave of it."""
+
     event_id: str
-    enriched: list[bytes]
-    dead: list[bytes]
+    event_type: str
+    consent: str
+    user_id: str
+    session_id: str
+    client_time_ms: int
+
+    def expected_columns(self) -> dict[str, str]:
+        """What the consent level keeps of the ids, region and referrer (schemas/consent.py)."""
+        if self.consent == "none":
+            return {"user_pseudonym": "", "session_pseudonym": "", "key_id": "",
+                    "region_code": "", "referrer_domain": ""}  # fmt: skip
+        salt = f"{utc_day(self.client_time_ms)}|" if self.consent == "anonymous" else ""
+        return {
+            "user_pseudonym": pseudonym(salt + self.user_id),
+            "session_pseudonym": pseudonym(salt + self.session_id) if self.session_id else "",
+            "key_id": "k-it",
+            "region_code": "England" if self.consent == "full" else "",
+            "referrer_domain": "example.org",
+        }
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    settings: Settings
+    sent: list[Sent]
+    enriched: list[tuple[bytes | None, bytes]]
+    dead: list[tuple[bytes | None, bytes]]
+
+    @property
+    def raw_values(self) -> list[bytes]:
+        """Everything that must never leave the stream step."""
+        ids = {s.user_id for s in self.sent} | {s.session_id for s in self.sent if s.session_id}
+        return [
+            *(i.encode() for i in ids),
+            IP.encode(),
+            REFERRER_PATH.encode(),
+            b"zq7query",
+            USER_AGENT.encode(),
+            b"AppleWebKit",
+            CONTENT_MARK.encode(),
+        ]
+
+
+def _event(event_type: str, consent: str, client_time_ms: int) -> Sent:
+    user_id = f"user-{consent}-{uuid.uuid4().hex[:10]}"
+    session_id = f"s-{uuid.uuid4().hex[:12]}" if "session_id" in EXAMPLES[event_type] else ""
+    return Sent(str(uuid.uuid4()), event_type, consent, user_id, session_id, client_time_ms)
+
+
+def _payload(sent: Sent, now_ms: int) -> bytes:
+    """The wire form a client that ignores its own consent would send: every id included,
+    so the stream step alone must enforce the level."""
+    fields = {**EXAMPLES[sent.event_type], "event_id": sent.event_id, "consent": sent.consent,
+              "user_id": sent.user_id, "ip": IP, "referrer": REFERRER, "user_agent": USER_AGENT,
+              "client_time_ms": sent.client_time_ms, "collector_time_ms": now_ms}  # fmt: skip
+    if sent.session_id:
+        fields["session_id"] = sent.session_id
+    model = EVENT_MODELS[(sent.event_type, fields["schema_version"])]
+    return encode_event(model.model_validate(fields))
+
+
+BAD_EVENTS = [
+    orjson.dumps({**EXAMPLES["login"], "message": f"{CONTENT_MARK} bring the slides"}),
+    orjson.dumps({**EXAMPLES["login"], "os_family": f"hi {CONTENT_MARK} are you there"}),
+    b'{"event_type": "login", ' + CONTENT_MARK.encode(),
+]
 
 
 @pytest.fixture(scope="module")
-def sent_login(
+def pipeline_run(
     kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[SentLogin]:
-    """One login sent through a running stream worker on fresh topics."""
+) -> Iterator[PipelineRun]:
+    """Events under each consent level, a retried send and bad events, through one running
+    stream worker (logging at DEBUG) on fresh topics."""
     settings = load_settings(
         {
             "TALLY_STATE_DIR": str(tmp_path_factory.mktemp("state")),
@@ -53,32 +136,36 @@ def sent_login(
             "TALLY_HMAC_KEY": f"k-it:{HMAC_SECRET.hex()}",
             "TALLY_SESSION_TIMEOUT_S": "6",
             "TALLY_SINK_BATCH_INTERVAL_S": "0.3",
+            "TALLY_LOG_LEVEL": "DEBUG",
         }
     )
     ensure_topics(kafka_bootstrap, topic_specs(settings))
-    user_id, ip = f"user-{uuid.uuid4().hex[:12]}", "81.2.69.160"
-    event = LoginV1.model_validate(
-        {**EXAMPLES["login"], "event_id": str(uuid.uuid4()), "user_id": user_id, "ip": ip,
-         "client_time_ms": int(time.time() * 1000)}
-    )  # fmt: skip
+    now_ms = int(time.time() * 1000)
+    sent = [
+        _event(event_type, consent, now_ms)
+        for consent in ("full", "anonymous", "none")
+        for event_type in ("login", "session_start")
+    ]
+    # One anonymous user on two UTC days: two unrelated pseudonyms.
+    day1 = _event("session_start", "anonymous", now_ms - DAY_MS)
+    day2 = replace(_event("session_start", "anonymous", now_ms - 2 * DAY_MS), user_id=day1.user_id)
+    sent += [day1, day2]
     with stream_worker(settings, kafka_bootstrap) as worker:
-        producer = TallyProducer(kafka_bootstrap, topic_names(settings))
-        producer.emit(event)
-        producer.emit(event)  # a client's retry: refused as a duplicate
-        producer.flush(timeout_s=30)
-        producer.close()
-        _send_raw(kafka_bootstrap, topic_names(settings).raw, BAD_EVENTS)
-        enriched = _wait_for(settings, topic_names(settings).enriched, 1, worker)
+        sdk = TallyProducer(kafka_bootstrap, topic_names(settings))
+        first = EVENT_MODELS[("login", 1)].model_validate(
+            {**EXAMPLES["login"], "event_id": str(uuid.uuid4()), "user_id": "user-sdk-zq7",
+             "ip": IP, "referrer": REFERRER, "client_time_ms": now_ms}
+        )  # fmt: skip
+        sdk.emit(first)
+        sdk.emit(first)  # a client's retry: refused as a duplicate
+        sdk.flush(timeout_s=30)
+        sdk.close()
+        sent.append(Sent(first.event_id, "login", "full", "user-sdk-zq7", "", now_ms))
+        _send_raw(kafka_bootstrap, topic_names(settings).raw,
+                  [_payload(s, now_ms) for s in sent[:-1]] + BAD_EVENTS)  # fmt: skip
+        enriched = _wait_for(settings, topic_names(settings).enriched, len(sent), worker)
         dead = _wait_for(settings, topic_names(settings).dead, len(BAD_EVENTS) + 1, worker)
-    yield SentLogin(settings, user_id, ip, event.event_id, enriched, dead)
-
-
-CONTENT_MARK = "zq7-see-you-at-nine-zq7"
-BAD_EVENTS = [
-    orjson.dumps({**EXAMPLES["login"], "message": f"{CONTENT_MARK} bring the slides"}),
-    orjson.dumps({**EXAMPLES["login"], "os_family": f"hi {CONTENT_MARK} are you there"}),
-    b'{"event_type": "login", ' + CONTENT_MARK.encode(),
-]
+    yield PipelineRun(settings, sent, enriched, dead)
 
 
 def _send_raw(bootstrap: str, topic: str, payloads: list[bytes]) -> None:
@@ -90,21 +177,23 @@ def _send_raw(bootstrap: str, topic: str, payloads: list[bytes]) -> None:
     producer.close()
 
 
-def _wait_for(settings: Settings, topic: str, count: int, worker: object) -> list[bytes]:
+def _wait_for(
+    settings: Settings, topic: str, count: int, worker: object
+) -> list[tuple[bytes | None, bytes]]:
     consumer = KafkaConsumer(
         topic, bootstrap_servers=settings.kafka_bootstrap,
         auto_offset_reset="earliest", consumer_timeout_ms=500,
     )  # fmt: skip
-    values: list[bytes] = []
+    messages: list[tuple[bytes | None, bytes]] = []
     deadline = time.monotonic() + DEADLINE_S
     try:
-        while len(values) < count and time.monotonic() < deadline:
-            values.extend(message.value for message in consumer)
+        while len(messages) < count and time.monotonic() < deadline:
+            messages.extend((message.key, message.value) for message in consumer)
             assert worker.poll() is None, "stream worker exited"  # type: ignore[attr-defined]
     finally:
         consumer.close()
-    assert len(values) >= count, f"{len(values)} of {count} messages on {topic}"
-    return values
+    assert len(messages) >= count, f"{len(messages)} of {count} messages on {topic}"
+    return messages
 
 
 def _sink_until(backend: ClickHouseBackend, settings: Settings, group: str, rows: int) -> None:
@@ -123,41 +212,74 @@ def _sink_until(backend: ClickHouseBackend, settings: Settings, group: str, rows
     assert sink.rows_written >= rows, f"sink wrote {sink.rows_written} rows"
 
 
-def test_one_login_is_one_pseudonymous_row(sent_login: SentLogin, backend: ClickHouseBackend):
-    """Exactly one row lands; its user id is the keyed HMAC; no raw id or IP is stored."""
+def _stored(backend: ClickHouseBackend, event_type: str) -> dict[str, dict[str, object]]:
+    columns = [name for name, _ in ENRICHED_COLUMNS[event_type]]
+    rows = backend.query(f"SELECT {', '.join(columns)} FROM {table_name(event_type)} FINAL")
+    return {row[0]: dict(zip(columns, row, strict=True)) for row in rows}
+
+
+def test_each_consent_level_stores_exactly_what_it_allows(
+    pipeline_run: PipelineRun, backend: ClickHouseBackend, caplog: pytest.LogCaptureFixture
+):
+    """Every event lands once; full keeps stable pseudonyms and region, anonymous keeps
+    day-salted pseudonyms and no region, none keeps no id, region or referrer; browser, OS
+    and country are kept at every level; the sink logs nothing raw at DEBUG."""
+    caplog.set_level(logging.DEBUG)
     apply_migrations(backend)
-    _sink_until(backend, sent_login.settings, f"sink-{uuid.uuid4().hex[:8]}", 1)
-    columns = [name for name, _ in ENRICHED_COLUMNS["login"]]
-    rows = backend.query(f"SELECT {', '.join(columns)} FROM {table_name('login')} FINAL")
-    assert len(rows) == 1
-    row = dict(zip(columns, rows[0], strict=True))
-    expected = hmac.new(HMAC_SECRET, sent_login.user_id.encode(), hashlib.sha256).hexdigest()
-    assert row["user_pseudonym"] == expected
-    assert row["key_id"] == "k-it" and row["event_id"] == sent_login.event_id
-    assert row["country_code"] == "GB"
-    stored = orjson.dumps({k: str(v) for k, v in row.items()}).decode()
-    assert sent_login.user_id not in stored and sent_login.ip not in stored
+    _sink_until(backend, pipeline_run.settings, f"sink-{uuid.uuid4().hex[:8]}",
+                len(pipeline_run.sent))  # fmt: skip
+    stored = {**_stored(backend, "login"), **_stored(backend, "session_start")}
+    assert sorted(stored) == sorted(s.event_id for s in pipeline_run.sent)
+    for sent in pipeline_run.sent:
+        row = stored[sent.event_id]
+        assert {k: row[k] for k in sent.expected_columns()} == sent.expected_columns(), sent
+        assert (row["consent"], row["country_code"], row["browser_family"]) == (
+            sent.consent, "GB", "Chrome"
+        )  # fmt: skip
+    day1, day2 = (stored[s.event_id] for s in pipeline_run.sent[6:8])
+    assert day1["user_pseudonym"] != day2["user_pseudonym"]
+    assert day1["session_pseudonym"] != day2["session_pseudonym"]
+    everything = orjson.dumps([{k: str(v) for k, v in r.items()} for r in stored.values()])
+    assert caplog.text, "the sink logged nothing at DEBUG"
+    for raw in pipeline_run.raw_values:
+        assert raw not in everything
+        assert raw.decode() not in caplog.text
 
 
 def test_replaying_the_topic_does_not_double_count(
-    sent_login: SentLogin, backend: ClickHouseBackend
+    pipeline_run: PipelineRun, backend: ClickHouseBackend
 ):
     """A second consumer group replaying the same events leaves one row per event."""
     apply_migrations(backend)
     for _ in range(2):
-        _sink_until(backend, sent_login.settings, f"replay-{uuid.uuid4().hex[:8]}", 1)
+        _sink_until(backend, pipeline_run.settings, f"replay-{uuid.uuid4().hex[:8]}",
+                    len(pipeline_run.sent))  # fmt: skip
     count = backend.query(f"SELECT count() FROM {table_name('login')} FINAL")[0][0]
-    assert count == 1
+    assert count == sum(1 for s in pipeline_run.sent if s.event_type == "login")
 
 
-def test_bad_events_become_redacted_dead_letters(sent_login: SentLogin):
+def test_no_key_or_value_on_the_output_topics_holds_a_raw_value(pipeline_run: PipelineRun):
+    """Keys and values of every enriched record and dead letter hold no raw id, IP,
+    referrer path, user agent or content; enriched keys are pseudonyms or event ids."""
+    assert len(pipeline_run.enriched) == len(pipeline_run.sent)
+    for key, value in [*pipeline_run.enriched, *pipeline_run.dead]:
+        for raw in pipeline_run.raw_values:
+            assert raw not in (key or b"") and raw not in value
+    for key, value in pipeline_run.enriched:
+        record = orjson.loads(value)
+        assert key == (record["user_pseudonym"] or record["event_id"]).encode()
+
+
+def test_bad_events_become_redacted_dead_letters(pipeline_run: PipelineRun):
     """Content, text in a field, broken JSON and a retried send each become one dead letter
-    with its reason; the content appears in no dead letter, enriched record or log line."""
-    reasons = sorted(orjson.loads(letter)["reason"] for letter in sent_login.dead)
-    assert reasons == ["content_forbidden", "content_forbidden", "duplicate", "malformed_json"]
-    assert len(sent_login.enriched) == 1
-    worker_log = (sent_login.settings.state_dir / "logs" / "worker.log").read_bytes()
-    assert worker_log, "the worker wrote no log at all"
-    for place in [*sent_login.dead, *sent_login.enriched, worker_log]:
-        assert CONTENT_MARK.encode() not in place
-        assert sent_login.user_id.encode() not in place and sent_login.ip.encode() not in place
+    with its reason and declared type; the worker's DEBUG log holds no raw value."""
+    letters = sorted(
+        (orjson.loads(value)["reason"], orjson.loads(value)["event_type"])
+        for _, value in pipeline_run.dead
+    )
+    assert letters == [("content_forbidden", "login"), ("content_forbidden", "login"),
+                       ("duplicate", "login"), ("malformed_json", None)]  # fmt: skip
+    worker_log = (pipeline_run.settings.state_dir / "logs" / "worker.log").read_bytes()
+    assert b"DEBUG" in worker_log, "the worker did not log at DEBUG"
+    for raw in pipeline_run.raw_values:
+        assert raw not in worker_log, raw

@@ -73,6 +73,48 @@ def test_anonymous_consent_ids_change_with_the_day(lookups):
     assert day1["region_code"] == ""
 
 
+def _hmac(message: str) -> str:
+    return hmac.new(KEY.secret, message.encode(), hashlib.sha256).hexdigest()
+
+
+DAY = "2025-11-28"  # the UTC day of EXAMPLES' client_time_ms
+KEPT_BY_CONSENT = {
+    "full": {"user_pseudonym": _hmac("u-000042"), "session_pseudonym": _hmac("s-9001"),
+             "key_id": "k-test", "region_code": "England", "referrer_domain": "example.org"},
+    "anonymous": {"user_pseudonym": _hmac(f"{DAY}|u-000042"),
+                  "session_pseudonym": _hmac(f"{DAY}|s-9001"), "key_id": "k-test",
+                  "region_code": "", "referrer_domain": "example.org"},
+    "none": {"user_pseudonym": "", "session_pseudonym": "", "key_id": "", "region_code": "",
+             "referrer_domain": ""},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("consent", sorted(KEPT_BY_CONSENT))
+def test_each_consent_level_keeps_exactly_its_fields(consent, lookups):
+    """Pseudonyms, key id, region and referrer are exactly what the consent level allows;
+    browser, OS, device and country are kept at every level."""
+    record = enriched(
+        "session_start", lookups, consent=consent, referrer="https://www.example.org/a/b?c=d"
+    )
+    assert {k: record[k] for k in KEPT_BY_CONSENT[consent]} == KEPT_BY_CONSENT[consent]
+    assert (record["country_code"], record["browser_family"], record["os_family"]) == (
+        "GB", "Chrome", "Windows"
+    )  # fmt: skip
+    assert record["device_class"] == "desktop"
+
+
+def test_anonymous_session_pseudonyms_change_with_the_day(lookups):
+    """An anonymous session id seen on two UTC days gets two unrelated pseudonyms."""
+    day1 = enriched("session_start", lookups, consent="anonymous")
+    next_day = enriched(
+        "session_start", lookups, consent="anonymous",
+        client_time_ms=EXAMPLES["session_start"]["client_time_ms"] + 86_400_000,
+        collector_time_ms=EXAMPLES["session_start"]["collector_time_ms"] + 86_400_000,
+    )  # fmt: skip
+    assert day1["session_pseudonym"] != next_day["session_pseudonym"]
+    assert next_day["session_pseudonym"] not in ("", _hmac("s-9001"))
+
+
 def test_no_consent_keeps_no_identifier(lookups):
     """With consent none: no pseudonyms, no key id, no region, no referrer; still counted."""
     record = enriched("session_end", lookups, consent="none")
@@ -110,6 +152,21 @@ def test_invalid_event_becomes_a_redacted_dead_letter(lookups):
         assert raw_value not in outcome.value
 
 
+@pytest.mark.parametrize(
+    ("changes", "reason", "event_type"),
+    [({"message": "hi"}, "content_forbidden", "login"),
+     ({"outcome": "maybe"}, "invalid_field", "login"),
+     ({"schema_version": 99}, "unsupported_version", "login"),
+     ({"event_type": "chat_message"}, "unknown_event_type", None),
+     ({"event_type": "login please read this"}, "content_forbidden", None)],
+)  # fmt: skip
+def test_a_dead_letter_keeps_the_declared_event_type_only(changes, reason, event_type, lookups):
+    """A dead letter names the event type when it is a declared one, and null otherwise."""
+    raw = orjson.dumps({**EXAMPLES["login"], **changes})
+    letter = orjson.loads(validate_and_enrich(raw, ORIGIN, lookups).value)
+    assert (letter["reason"], letter["event_type"]) == (reason, event_type)
+
+
 def test_a_bug_in_enrichment_costs_one_event_not_the_worker():
     """An exception inside enrichment is a processing_error dead letter, not a crash."""
 
@@ -119,6 +176,7 @@ def test_a_bug_in_enrichment_costs_one_event_not_the_worker():
     lookups = Lookups(Pseudonymizer(KEY).pseudonymize_id, KEY.key_id, broken_geo)  # type: ignore[arg-type]
     outcome = validate_and_enrich(orjson.dumps(EXAMPLES["login"]), ORIGIN, lookups)
     assert outcome.reason is ReasonCode.PROCESSING_ERROR
+    assert orjson.loads(outcome.value)["event_type"] == "login"
     assert b"81.2.69.160" not in outcome.value
 
 
