@@ -171,7 +171,9 @@ def test_a_sink_that_dies_is_reported_not_silent(config: SinkConfig, backend):
     try:
         sink._consumer.close()  # the failure: every later poll raises
         deadline = time.monotonic() + 30
-        with pytest.raises(StageFailed, match=r"the ClickHouse sink stopped: .*closed"):
+        with pytest.raises(
+            StageFailed, match=r"^the ClickHouse sink stopped: \w+(Error|Exception)"
+        ):
             while time.monotonic() < deadline:
                 sinking.check()
                 time.sleep(0.1)
