@@ -1,6 +1,6 @@
 """Write the JSON Schema files that SDK authors in other languages build against.
 
-Run ``python -m schemas.export``; tests/unit/test_schemas_export.py fails when the committed
+Run ``python -m schemas.export``; tests/unit/test_schema_contract.py fails when the committed
 files differ from the declarations.
 """
 

@@ -5,6 +5,8 @@ import re
 import typing
 
 import pytest
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 
 from schemas.consent import Consent
 from schemas.enriched import ENRICHED_COLUMNS, EnrichedEnvelope, table_name
@@ -60,14 +62,60 @@ def test_every_reason_code_is_documented():
 
 def test_json_schema_forbids_unknown_fields():
     """SDK authors see the allowlist: additionalProperties is false in every file."""
-    for text in render_json_schemas().values():
+    rendered = render_json_schemas()
+    assert sorted(rendered) == sorted(f"{t}.v{v}.json" for t, v in EVENT_MODELS)
+    for text in rendered.values():
         assert json.loads(text)["additionalProperties"] is False
 
 
-def test_envelope_fields_come_first_in_every_model():
-    """Types only add to the envelope; they never drop one of its fields."""
-    for model in EVENT_MODELS.values():
-        assert set(Envelope.model_fields) <= set(model.model_fields)
+def _declaration(info: FieldInfo) -> tuple[object, ...]:
+    """What a field accepts and how it is named on the wire: type with its constraints and
+    validators (strictness among them), required-ness, default, aliases."""
+    return (
+        info.rebuild_annotation(),
+        info.is_required(),
+        info.default,
+        info.default_factory,
+        info.alias,
+        info.validation_alias,
+        info.serialization_alias,
+    )
+
+
+def _narrows(envelope: FieldInfo, model: FieldInfo) -> bool:
+    """Whether ``model`` requires, with the same type and constraints, a field the envelope
+    leaves optional (as session events do with session_id)."""
+    return (
+        not envelope.is_required()
+        and envelope.default is None
+        and model.is_required()
+        and envelope.rebuild_annotation() == model.rebuild_annotation() | None
+        and _declaration(envelope)[3:] == _declaration(model)[3:]
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "model"), [pytest.param(k, m, id=f"{k[0]}.v{k[1]}") for k, m in EVENT_MODELS.items()]
+)
+def test_envelope_fields_come_first_in_every_model(key, model):
+    """A model starts with every envelope field, in order, declared as the envelope does."""
+    event_type, version = key
+    envelope = Envelope.model_fields
+    assert list(model.model_fields)[: len(envelope)] == list(envelope)
+    for setting in ("extra", "strict", "frozen"):
+        assert model.model_config.get(setting) == Envelope.model_config.get(setting), setting
+    # the two dispatch fields are pinned to the model's own key in the registry
+    assert _declaration(model.model_fields["event_type"])[:3] == (
+        typing.Literal[event_type], True, PydanticUndefined
+    )  # fmt: skip
+    assert _declaration(model.model_fields["schema_version"])[:3] == (
+        typing.Literal[version], True, PydanticUndefined
+    )  # fmt: skip
+    for name, info in envelope.items():
+        if name in ("event_type", "schema_version"):
+            continue
+        declared = model.model_fields[name]
+        assert _declaration(declared) == _declaration(info) or _narrows(info, declared), name
 
 
 def test_schemas_readme_documents_every_reason_and_consent_level():
