@@ -11,22 +11,21 @@ Layout of a state folder::
     clickhouse-server.pid        pid of the server (also the id of its process group)
     data/ tmp/ user_files/ format_schemas/
     log/clickhouse-server.log, log/clickhouse-server.err.log, log/stdout.log
+
+Launching, finding, waiting for and stopping the server go through ``deploy.services.process``;
+this module keeps what is ClickHouse's own: finding the binary, the rendered configs, the
+``tally`` user's password, the readiness probe and its error messages.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import secrets
 import shutil
-import signal
 import socket
-import subprocess
 import time
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -36,24 +35,32 @@ from clickhouse_driver import Client
 from clickhouse_driver.errors import Error as DriverError
 
 from deploy.interrupts import interrupts_deferred
+from deploy.services.process import (
+    KILL_WAIT_S,
+    ProcessStopError,
+    exit_code,
+    file_lock,
+    launch_detached,
+    log_tail,
+    service_pid,
+    stop_service,
+    terminate_group,
+    write_atomically,
+)
 
 HOST = "127.0.0.1"
 _TEMPLATES = Path(__file__).resolve().parent / "clickhouse"
 # Debian installs the server in /usr/sbin, which is not on every user's PATH.
 _EXTRA_BIN_DIRS = ("/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin")
 _POLL_INTERVAL_S = 0.1
-_KILL_GRACE_S = 10.0
-_LOG_TAIL_LINES = 5
-
-# Popen objects of servers this process started, kept so their exit can be reaped (no zombies).
-_children: dict[int, subprocess.Popen[bytes]] = {}
+_NAME = "clickhouse-server"
 
 
 class ClickHouseStartError(RuntimeError):
     """The server could not be started or did not become ready; the message names the log."""
 
 
-class ClickHouseStopError(RuntimeError):
+class ClickHouseStopError(ProcessStopError):
     """The server's processes survived SIGKILL (for instance stuck in uninterruptible I/O)."""
 
 
@@ -113,6 +120,10 @@ class _Layout:
             "log_dir": self.log_dir,
         }
 
+    def markers(self) -> list[str]:
+        """The argument that tells this folder's server from any other process in /proc."""
+        return [f"--config-file={self.config}"]
+
 
 def find_clickhouse_server_command() -> list[str]:
     """Return the argv prefix that runs the server: `clickhouse-server` or `clickhouse server`.
@@ -157,16 +168,16 @@ def start_clickhouse_server(
             raise ValueError(f"port out of range: {port}")
     layout = _Layout(state_dir.resolve())
     layout.state_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(layout):
-        pid = _read_pid(layout)
-        if pid is not None and _is_alive(pid, layout):
+    with file_lock(layout.lock_file):
+        pid = service_pid(layout.pid_file, layout.markers())
+        if pid is not None:
             ports = _configured_ports(layout)
             if ports != (tcp_port, http_port):
                 raise ClickHouseStartError(
                     f"a ClickHouse server from {layout.state_dir} already runs on ports "
                     f"{ports} (tcp, http), not {(tcp_port, http_port)}; stop it first"
                 )
-            _wait_ready(pid, layout, tcp_port, time.monotonic() + timeout_s, started=False)
+            _wait_ready(pid, layout, tcp_port, time.monotonic() + timeout_s)
             return _server(pid, layout, tcp_port, http_port)
         layout.pid_file.unlink(missing_ok=True)
         command = find_clickhouse_server_command()
@@ -180,12 +191,18 @@ def start_clickhouse_server(
         pid = None
         try:
             with interrupts_deferred():  # the server is under this cleanup from its first instant
-                pid = _spawn(command, layout)
-            _wait_ready(pid, layout, tcp_port, time.monotonic() + timeout_s, started=True)
-        except (KeyboardInterrupt, SystemExit):
+                pid = launch_detached(
+                    [*command, *layout.markers()],
+                    pid_file=layout.pid_file,
+                    log_path=layout.stdout_log,
+                    env={**os.environ, "TZ": "UTC"},
+                    cwd=layout.state_dir,
+                )
+            _wait_ready(pid, layout, tcp_port, time.monotonic() + timeout_s)
+        except BaseException:
             if pid is not None:
-                _terminate(pid, layout, _KILL_GRACE_S)
-                layout.pid_file.unlink(missing_ok=True)
+                terminate_group(pid, KILL_WAIT_S, name=_NAME, error=ClickHouseStopError)
+            layout.pid_file.unlink(missing_ok=True)
             raise
         return _server(pid, layout, tcp_port, http_port)
 
@@ -200,21 +217,20 @@ def stop_clickhouse_server(state_dir: Path, timeout_s: float = 30.0) -> bool:
     layout = _Layout(state_dir.resolve())
     if not layout.state_dir.is_dir():
         return False
-    with _locked(layout):
-        pid = _read_pid(layout)
-        if pid is None:
-            return False
-        if not _is_alive(pid, layout):
-            layout.pid_file.unlink(missing_ok=True)
-            return False
-        _terminate(pid, layout, timeout_s)
-        layout.pid_file.unlink(missing_ok=True)
-        return True
+    with file_lock(layout.lock_file):
+        pid = stop_service(
+            layout.pid_file,
+            layout.markers(),
+            timeout_s=timeout_s,
+            name=_NAME,
+            error=ClickHouseStopError,
+        )
+    return pid is not None
 
 
 def _running(layout: _Layout) -> ClickHouseServer | None:
-    pid = _read_pid(layout)
-    if pid is None or not _is_alive(pid, layout):
+    pid = service_pid(layout.pid_file, layout.markers())
+    if pid is None:
         return None
     tcp_port, http_port = _configured_ports(layout)
     if not _answers(tcp_port):
@@ -224,17 +240,6 @@ def _running(layout: _Layout) -> ClickHouseServer | None:
 
 def _server(pid: int, layout: _Layout, tcp_port: int, http_port: int) -> ClickHouseServer:
     return ClickHouseServer(HOST, tcp_port, http_port, pid, layout.server_log)
-
-
-@contextlib.contextmanager
-def _locked(layout: _Layout) -> Iterator[None]:
-    """Serialize start and stop across processes (pytest workers, a CLI) on one state folder."""
-    with layout.lock_file.open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _render_config(layout: _Layout, tcp_port: int, http_port: int) -> None:
@@ -249,11 +254,11 @@ def _render_config(layout: _Layout, tcp_port: int, http_port: int) -> None:
         "users_config": escape(str(layout.users)),
     }
     template = Template((_TEMPLATES / "config.xml").read_text(encoding="utf-8"))
-    _write_atomically(layout.config, template.substitute(values))
+    write_atomically(layout.config, template.substitute(values))
     users = Template((_TEMPLATES / "users.xml").read_text(encoding="utf-8"))
     password = tally_user_password(layout.state_dir).encode()
     digest = hashlib.sha256(password).hexdigest()
-    _write_atomically(layout.users, users.substitute(tally_password_sha256=digest))
+    write_atomically(layout.users, users.substitute(tally_password_sha256=digest))
 
 
 def tally_user_password(state_dir: Path) -> str:
@@ -272,40 +277,13 @@ def _configured_ports(layout: _Layout) -> tuple[int, int]:
     return int(root.findtext("tcp_port", "0")), int(root.findtext("http_port", "0"))
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    staging = path.with_name(path.name + ".tmp")
-    staging.write_text(text, encoding="utf-8")
-    staging.replace(path)
-
-
-def _spawn(command: list[str], layout: _Layout) -> int:
-    env = {**os.environ, "TZ": "UTC"}
-    with layout.stdout_log.open("ab") as log:
-        process = subprocess.Popen(
-            [*command, f"--config-file={layout.config}"],
-            cwd=layout.state_dir,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    _children[process.pid] = process
-    _write_atomically(layout.pid_file, f"{process.pid}\n")
-    return process.pid
-
-
-def _wait_ready(
-    pid: int, layout: _Layout, tcp_port: int, deadline: float, *, started: bool
-) -> None:
-    """Poll `SELECT 1` until the server answers; on failure kill what this call started."""
+def _wait_ready(pid: int, layout: _Layout, tcp_port: int, deadline: float) -> None:
+    """Poll `SELECT 1` until the server answers."""
     while True:
-        if not _is_alive(pid, layout):
+        code = exit_code(pid)
+        if code is not None:
             layout.pid_file.unlink(missing_ok=True)
-            if started:
-                _signal(pid, pid, signal.SIGKILL)
-            code = _children.pop(pid).returncode if pid in _children else None
-            status = "" if code is None else f" with code {code}"
+            status = "" if code == -1 else f" with code {code}"  # -1: not this process's child
             raise ClickHouseStartError(
                 f"clickhouse-server exited during start-up{status}; see {layout.error_log} "
                 f"and {layout.stdout_log}{_log_tail(layout)}"
@@ -313,9 +291,6 @@ def _wait_ready(
         if _answers(tcp_port):
             return
         if time.monotonic() >= deadline:
-            if started:
-                _terminate(pid, layout, _KILL_GRACE_S)
-                layout.pid_file.unlink(missing_ok=True)
             raise ClickHouseStartError(
                 f"clickhouse-server did not answer on {HOST}:{tcp_port} in time; "
                 f"see {layout.error_log}{_log_tail(layout)}"
@@ -346,75 +321,6 @@ def _port_in_use(port: int) -> bool:
         return False
 
 
-def _read_pid(layout: _Layout) -> int | None:
-    try:
-        return int(layout.pid_file.read_text(encoding="utf-8").strip())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _is_alive(pid: int, layout: _Layout) -> bool:
-    """Whether pid is a live (not zombie) server started with this state folder's config.
-
-    Checking the command line guards against a stale pid file whose pid was reused.
-    """
-    child = _children.get(pid)
-    if child is not None:
-        # Right after fork the child's /proc entry still shows this interpreter's argv.
-        return child.poll() is None
-    proc = Path("/proc") / str(pid)
-    try:
-        stat = (proc / "stat").read_text(encoding="utf-8", errors="replace")
-        argv = (proc / "cmdline").read_bytes().split(b"\0")
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    state = stat.rpartition(")")[2].split()[0]
-    return state not in ("Z", "X") and f"--config-file={layout.config}".encode() in argv
-
-
-def _terminate(pid: int, layout: _Layout, timeout_s: float) -> None:
-    """SIGTERM the server's group, escalate to SIGKILL, and sweep the group."""
-    try:
-        group = os.getpgid(pid)
-    except ProcessLookupError:
-        group = pid
-    _signal(pid, group, signal.SIGTERM)
-    if not _wait_gone(pid, layout, time.monotonic() + timeout_s):
-        _signal(pid, group, signal.SIGKILL)
-        if not _wait_gone(pid, layout, time.monotonic() + _KILL_GRACE_S):
-            raise ClickHouseStopError(f"clickhouse-server (pid {pid}) survived SIGKILL")
-    # The server forks nothing of its own, but anything it left in its group goes too.
-    if group == pid:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(group, signal.SIGKILL)
-    child = _children.pop(pid, None)
-    if child is not None:
-        child.wait()
-
-
-def _signal(pid: int, group: int, signum: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        if group == pid:
-            os.killpg(group, signum)
-        else:
-            os.kill(pid, signum)
-
-
-def _wait_gone(pid: int, layout: _Layout, deadline: float) -> bool:
-    while _is_alive(pid, layout):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(_POLL_INTERVAL_S)
-    return True
-
-
 def _log_tail(layout: _Layout) -> str:
-    for log in (layout.error_log, layout.stdout_log):
-        try:
-            lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
-        except FileNotFoundError:
-            continue
-        if lines:
-            tail = "\n  ".join(line[:300] for line in lines[-_LOG_TAIL_LINES:])
-            return f"\n  last lines of {log.name}:\n  {tail}"
-    return ""
+    """The tail of the server's error log, or of its stdout when that log is empty."""
+    return log_tail(layout.error_log) or log_tail(layout.stdout_log)

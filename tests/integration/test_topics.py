@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -67,7 +70,7 @@ def test_longer_retention_is_lowered_to_the_spec(
 ) -> None:
     """Topics keeping records for the broker default (7 d), 30 d or forever end at the spec,
     with segments of a 24th of it, so an expired record does not wait a week for deletion."""
-    caplog.set_level(logging.INFO, logger="deploy.kafka")
+    caplog.set_level(logging.INFO, logger="deploy.topics")
     default, month, forever = (_unique_name(kind) for kind in ("default", "month", "forever"))
     _create_by_hand(admin, default)
     _create_by_hand(admin, month, retention_ms=str(30 * DAY_MS), max_message_bytes="2000000")
@@ -100,7 +103,7 @@ def test_shorter_retention_and_more_partitions_are_kept(
 ) -> None:
     """A topic keeping records for less than its spec, on more partitions, keeps both; only
     its week-long segments are shortened, which otherwise keep records past the spec."""
-    caplog.set_level(logging.INFO, logger="deploy.kafka")
+    caplog.set_level(logging.INFO, logger="deploy.topics")
     name = _unique_name("shorter")
     _create_by_hand(admin, name, partitions=3, retention_ms=str(HOUR_MS))
 
@@ -150,7 +153,7 @@ def test_compacted_topic_is_set_to_delete_by_time(
     kafka_bootstrap: str, admin: KafkaAdminClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A compact-only topic is set to delete; a compact,delete one keeps its policy."""
-    caplog.set_level(logging.INFO, logger="deploy.kafka")
+    caplog.set_level(logging.INFO, logger="deploy.topics")
     compacted, both = _unique_name("compacted"), _unique_name("compact-delete")
     _create_by_hand(admin, compacted, cleanup_policy="compact")
     _create_by_hand(admin, both, cleanup_policy="compact,delete", retention_ms=str(30 * DAY_MS))
@@ -197,3 +200,20 @@ def test_refused_correction_refuses_to_start(
         "([Error 29] TopicAuthorizationFailedError: not authorized); set retention.ms=86400000"
     )
     assert _described(admin, name)["retention.ms"] == BROKER_DEFAULT_RETENTION_MS
+
+
+def test_tally_topics_creates_the_topics_to_spec_on_an_existing_cluster(
+    kafka_bootstrap: str, admin: KafkaAdminClient
+) -> None:
+    """`tally topics` on a configured cluster makes raw, enriched and dead to their spec (raw:
+    24 h) and says so; run again, it changes nothing and succeeds."""
+    namespace = f"cli{uuid.uuid4().hex[:8]}."
+    env = {**os.environ, "TALLY_KAFKA_BOOTSTRAP": kafka_bootstrap,
+           "TALLY_TOPIC_NAMESPACE": namespace}  # fmt: skip
+    for _ in range(2):
+        run = subprocess.run([sys.executable, "-m", "deploy.cli", "topics"], env=env,
+                             capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        assert f"{namespace}tally.events.raw: 4 partitions, retention.ms 86400000" in run.stdout
+    raw = _described(admin, f"{namespace}tally.events.raw")
+    assert (raw["retention.ms"], raw["partitions"], raw["segment.ms"]) == (DAY_MS, 4, HOUR_MS)
