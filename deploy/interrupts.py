@@ -38,6 +38,7 @@ class _State:
     depth = 0
     pending: int | None = None
     stopping = False
+    signum: int | None = None
     installed = False
 
 
@@ -50,8 +51,17 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     if _state.depth:
         _state.pending = _state.pending or signum
         return
-    _state.stopping = True
+    _state.stopping, _state.signum = True, signum
     raise Interrupted(signum)
+
+
+def raise_if_interrupted() -> None:
+    """A checkpoint for the main loops (replay, drain, supervise): raise Interrupted again if
+    a stop was requested. A library that catches BaseException (kafka-python's event loop
+    does) can swallow the first raise; without this the command would go on, deaf to the
+    signals that follow. Never call it from cleanup code."""
+    if _state.stopping and _state.signum is not None:
+        raise Interrupted(_state.signum)
 
 
 def install_interrupt_handlers() -> None:
@@ -59,6 +69,15 @@ def install_interrupt_handlers() -> None:
     for signum in _HANDLED:
         signal.signal(signum, _on_signal)
     _state.installed = True
+
+
+def ignore_interrupts_from_now() -> None:
+    """For the last steps of a command that has stopped everything: a late SIGINT or SIGTERM
+    is ignored. Python's own shutdown puts the default action back for signals that have a
+    Python handler, which would turn a signal in the last milliseconds into death by it."""
+    if _state.installed:
+        for signum in _HANDLED:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def stopping() -> bool:
@@ -83,5 +102,5 @@ def interrupts_deferred() -> Iterator[None]:
         _state.depth -= 1
         if not _state.depth and _state.pending is not None and not _state.stopping:
             signum, _state.pending = _state.pending, None
-            _state.stopping = True
+            _state.stopping, _state.signum = True, signum
             raise Interrupted(signum)

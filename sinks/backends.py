@@ -9,10 +9,13 @@ lacks (TTL, DateTime64, Map, IPv4/IPv6, column codecs, insert deduplication toke
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import ipaddress
+import os
 import re
 import struct
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta, tzinfo
@@ -64,6 +67,10 @@ class ClickHouseError(Exception):
 
 class ClickHouseUnavailableError(ClickHouseError):
     """ClickHouse could not be reached or the connection broke: transient, worth a retry."""
+
+
+class EmbeddedInUseError(ClickHouseError):
+    """Another process has the embedded data folder open (one process per folder)."""
 
 
 class ClickHouseBackend(Protocol):
@@ -132,15 +139,18 @@ class EmbeddedClickHouse(_ClosesOnExit):
 
     name: str = "embedded"
 
-    def __init__(self, path: Path, database: str = "tally") -> None:
+    def __init__(self, path: Path, database: str = "tally", *, wait_s: float = 0.0) -> None:
         self.path = path
         self.database = _identifier(database)
         self._column_types: dict[str, dict[str, str]] = {}
+        self._session: Any = None
         path.mkdir(parents=True, exist_ok=True)
+        self._owner = _own_folder(path, wait_s)
         try:
             # chdb's Session.__init__ has no annotations.
-            self._session: Any = chdb_session.Session(str(path))  # type: ignore[no-untyped-call]
+            self._session = chdb_session.Session(str(path))  # type: ignore[no-untyped-call]
         except RuntimeError as err:
+            self._owner.close()
             raise _embedded_error(err) from err
         try:
             for statement in _EMBEDDED_SESSION_SETTINGS:
@@ -161,12 +171,12 @@ class EmbeddedClickHouse(_ClosesOnExit):
 
     def query(self, sql: str) -> list[tuple[Any, ...]]:
         """Run a SELECT; values are rebuilt from JSONCompact by the `meta` column types."""
-        payload = self._run(sql, "JSONCompact").bytes()
-        if not payload:
-            return []
-        result = orjson.loads(payload)
-        converters = [_json_converter(column["type"]) for column in result["meta"]]
-        return _convert_rows(result["data"], converters)
+        return rows_from_json_compact(self.query_json_compact(sql))
+
+    def query_json_compact(self, sql: str) -> bytes:
+        """Run a SELECT and return ClickHouse's JSONCompact output as it is (for a process
+        that queries through this one: see sinks/query_service.py)."""
+        return bytes(self._run(sql, "JSONCompact").bytes())
 
     def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         """Insert through an Arrow table typed from the table's schema (`Python()` function)."""
@@ -193,6 +203,8 @@ class EmbeddedClickHouse(_ClosesOnExit):
         if self._session is not None:
             self._session.close()
             self._session = None
+        if not self._owner.closed:
+            self._owner.close()  # releases the folder's lock
 
     def _run(self, sql: str, fmt: str) -> Any:
         if self._session is None:
@@ -380,6 +392,44 @@ def _trim_server_message(message: str) -> str:
     """Drop the server's stack trace (18.16 sends one with every exception)."""
     message = message.removeprefix("DB::Exception: ")
     return message.split(". Stack trace:", 1)[0].split("\nStack trace:", 1)[0].strip()
+
+
+OWNER_FILE = "tally-owner.lock"
+
+
+def _own_folder(path: Path, wait_s: float) -> Any:
+    """Lock the data folder for this process (an flock, released when the process dies), so a
+    second process gets a clear error naming the owner instead of chdb's
+    ``Error initializing EmbeddedServer``. Waits up to ``wait_s`` for the owner to let go."""
+    handle = (path / OWNER_FILE).open("a+")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                handle.seek(0)
+                owner = handle.read().strip() or "unknown"
+                handle.close()
+                raise EmbeddedInUseError(
+                    None, f"embedded ClickHouse in {path} is in use by another process ({owner})"
+                ) from None
+            time.sleep(0.1)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
+
+
+def rows_from_json_compact(payload: bytes) -> list[_Row]:
+    """Rows of a JSONCompact result, with the types the backend interface promises."""
+    if not payload:
+        return []
+    result = orjson.loads(payload)
+    converters = [_json_converter(column["type"]) for column in result["meta"]]
+    return _convert_rows(result["data"], converters)
 
 
 def _convert_rows(rows: Sequence[Sequence[Any]], converters: list[_Converter | None]) -> list[_Row]:

@@ -5,6 +5,11 @@ Every statement here is written once and must run unchanged on both versions.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
@@ -333,3 +338,39 @@ def test_a_password_user_connects_and_its_password_never_shows(
     finally:
         backend.execute(f"DROP DATABASE IF EXISTS {backend.database}")
         backend.close()
+
+
+def test_embedded_clickhouse_keeps_the_process_ctrl_c_handler(tmp_path: Path) -> None:
+    """With embedded ClickHouse open and queried in this process, Ctrl-C still reaches the
+    process's own handler, which `tally run` and `tally up` stop by."""
+    received: list[int] = []
+    saved = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        with EmbeddedClickHouse(tmp_path / "chdb", database="signals") as embedded:
+            embedded.query("SELECT 1")
+            os.kill(os.getpid(), signal.SIGINT)
+            deadline = time.monotonic() + 5
+            while not received and time.monotonic() < deadline:
+                time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGINT, saved)
+    assert received == [signal.SIGINT]
+
+
+def test_a_second_process_on_an_embedded_folder_is_told_who_owns_it(tmp_path: Path) -> None:
+    """A folder open in one process is refused to another with the owner's pid, not chdb's
+    opaque start-up error; once closed, it opens."""
+    folder = tmp_path / "chdb"
+    script = (
+        "import sys; from pathlib import Path; from sinks.backends import EmbeddedClickHouse, "
+        "EmbeddedInUseError\n"
+        "try:\n    EmbeddedClickHouse(Path(sys.argv[1]), 'owned')\n"
+        "except EmbeddedInUseError as err:\n    print(err); sys.exit(3)\n"
+    )
+    with EmbeddedClickHouse(folder, database="owned"):
+        other = subprocess.run([sys.executable, "-c", script, str(folder)],
+                               capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert other.returncode == 3, other.stderr
+    assert f"is in use by another process (pid {os.getpid()})" in other.stdout
+    with EmbeddedClickHouse(folder, database="owned") as reopened:
+        assert reopened.query("SELECT 1") == [(1,)]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -16,6 +19,8 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 from kafka.errors import KafkaTimeoutError, UnknownTopicOrPartitionError
 
+from deploy import interrupts
+from deploy.interrupts import Interrupted, install_interrupt_handlers, interrupts_deferred
 from deploy.kafka import (
     KafkaBroker,
     KafkaStartError,
@@ -206,3 +211,33 @@ def test_broker_does_not_create_topics_on_demand(tmp_path: Path, kafka_bootstrap
             admin.close()
     finally:
         stop_kafka(state_dir)
+
+
+def test_an_interrupt_while_a_kafka_client_bootstraps_is_raised_after_it(
+    kafka_bootstrap: str,
+) -> None:
+    """kafka-python runs its event loop in the calling thread while a producer bootstraps and
+    swallows an exception a signal handler raises into it (the command then hangs, deaf);
+    built inside interrupts_deferred, the interrupt is raised once the client exists."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    raised = 0
+    try:
+        for n in range(10):
+            interrupts._state = interrupts._State()
+            install_interrupt_handlers()
+            producers: list[KafkaProducer] = []
+            timer = threading.Timer(0.001 + n * 0.01, os.kill, (os.getpid(), signal.SIGTERM))
+            try:
+                with interrupts_deferred():
+                    timer.start()
+                    producers.append(KafkaProducer(bootstrap_servers=kafka_bootstrap))
+                    timer.join()
+            except Interrupted:
+                raised += 1
+            for producer in producers:
+                producer.close(timeout=5)
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        interrupts._state = interrupts._State()
+    assert raised == 10

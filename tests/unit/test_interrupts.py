@@ -1,5 +1,6 @@
 """SIGINT and SIGTERM: held while a child starts, raised once, never twice."""
 
+import contextlib
 import os
 import signal
 from collections.abc import Iterator
@@ -7,7 +8,13 @@ from collections.abc import Iterator
 import pytest
 
 from deploy import interrupts
-from deploy.interrupts import Interrupted, install_interrupt_handlers, interrupts_deferred
+from deploy.interrupts import (
+    Interrupted,
+    ignore_interrupts_from_now,
+    install_interrupt_handlers,
+    interrupts_deferred,
+    raise_if_interrupted,
+)
 
 
 @pytest.fixture
@@ -58,3 +65,26 @@ def test_nested_blocks_raise_once_at_the_outermost(handlers: None):
             steps.append("inner ended")
         steps.append("never")
     assert steps == ["inner ended"]
+
+
+def test_after_the_stop_a_late_signal_is_ignored(handlers: None):
+    """Once a command has stopped everything, a late SIGTERM neither raises nor kills."""
+    ignore_interrupts_from_now()
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+
+
+def test_a_swallowed_interrupt_is_raised_again_at_the_next_checkpoint(handlers: None):
+    """A library that catches BaseException swallows the first Interrupted; the main loop's
+    next checkpoint raises it again, so the command still stops (and is never deaf)."""
+    with contextlib.suppress(BaseException):  # as kafka-python's event loop does
+        os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(Interrupted) as caught:
+        raise_if_interrupted()
+    assert caught.value.exit_code == 143
+
+
+def test_without_a_stop_the_checkpoint_does_nothing(handlers: None):
+    """No signal, no raise."""
+    raise_if_interrupted()
