@@ -7,9 +7,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from deploy.interrupts import Interrupted, install_interrupt_handlers
+from deploy.interrupts import (
+    Interrupted,
+    ignore_interrupts_from_now,
+    install_interrupt_handlers,
+)
 from deploy.kafka import TopicMismatchError
 from deploy.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("deploy.cli")
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
@@ -40,10 +46,48 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
 
     if not settings.kafka_bootstrap:
         raise SettingsError("TALLY_KAFKA_BOOTSTRAP: the worker needs a Kafka cluster")
-    app = create_app(stream_config(settings, settings.kafka_bootstrap), build_lookups(settings))
-    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
-    worker.execute_from_commandline()
+    config = stream_config(settings, settings.kafka_bootstrap)
+    app = create_app(config, build_lookups(settings))
+
+    class StreamWorker(faust.Worker):
+        async def on_startup_finished(self) -> None:
+            await super().on_startup_finished()
+            log.info("stream worker ready: %s to %s", config.topics.raw, config.topics.enriched)
+
+    worker = StreamWorker(app, loglevel=settings.log_level.lower(), quiet=True)
+    try:
+        worker.execute_from_commandline()
+    finally:
+        log.info("stream worker stopped")
     return 0
+
+
+def _sink(settings: Settings, args: argparse.Namespace) -> int:
+    from deploy.sink_service import run_sink_service
+
+    return run_sink_service(settings)
+
+
+def _up(settings: Settings, args: argparse.Namespace) -> int:
+    from deploy.up import run_up
+
+    return run_up(settings)
+
+
+def _status(settings: Settings, args: argparse.Namespace) -> int:
+    import orjson
+
+    from deploy.kafka import running_kafka
+    from deploy.status import format_status, gather_status, status_as_json
+
+    local = running_kafka(settings.state_dir / "kafka")
+    bootstrap = settings.kafka_bootstrap or (local.bootstrap if local else None)
+    status = gather_status(settings, bootstrap)
+    if args.json:
+        print(orjson.dumps(status_as_json(status), option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(format_status(status))
+    return 0 if status.healthy else 1
 
 
 def _kafka(settings: Settings, args: argparse.Namespace) -> int:
@@ -65,7 +109,22 @@ def _kafka(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _topics(settings: Settings, args: argparse.Namespace) -> int:
+    from deploy.kafka import ensure_topics
+    from deploy.wiring import topic_specs
+
+    if not settings.kafka_bootstrap:
+        raise SettingsError("TALLY_KAFKA_BOOTSTRAP: which cluster's topics to create and check")
+    specs = topic_specs(settings)
+    ensure_topics(settings.kafka_bootstrap, specs)
+    for spec in specs:
+        print(f"{spec.name}: {spec.partitions} partitions, retention.ms {spec.retention_ms}")
+    return 0
+
+
 def _clickhouse(settings: Settings, args: argparse.Namespace) -> int:
+    import shlex
+
     from deploy.clickhouse import start_clickhouse_server, stop_clickhouse_server
 
     state = settings.state_dir / "clickhouse-server"
@@ -73,7 +132,19 @@ def _clickhouse(settings: Settings, args: argparse.Namespace) -> int:
         print("stopped" if stop_clickhouse_server(state) else "not running")
         return 0
     server = start_clickhouse_server(state, tcp_port=settings.clickhouse_port)
-    print(f"ClickHouse server at {server.host}:{server.tcp_port} (log {server.log_path})")
+    # The `tally` user's password, made by the start (deploy/clickhouse.py), mode 0600: its
+    # path is printed, never the password, and the output can be eval'd by a shell.
+    password_file = state.resolve() / "secrets" / "tally-password"
+    exports = {
+        "TALLY_CLICKHOUSE_BACKEND": "server",
+        "TALLY_CLICKHOUSE_HOST": server.host,
+        "TALLY_CLICKHOUSE_PORT": str(server.tcp_port),
+        "TALLY_CLICKHOUSE_USER": "tally",
+        "TALLY_CLICKHOUSE_PASSWORD_FILE": str(password_file),
+    }
+    print(f"# ClickHouse server at {server.host}:{server.tcp_port} (log {server.log_path})")
+    print("# To reach it, export:")
+    print("export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in exports.items()))
     return 0
 
 
@@ -91,10 +162,10 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _report(settings: Settings, args: argparse.Namespace) -> int:
-    from deploy.wiring import open_backend
+    from deploy.wiring import open_reader
     from sinks.report import format_logins_per_hour, logins_per_hour
 
-    backend = open_backend(settings)
+    backend = open_reader(settings)
     try:
         print(format_logins_per_hour(logins_per_hour(backend)))
     finally:
@@ -113,12 +184,24 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--duration", type=float, dest="workload_duration_s", metavar="SECONDS")
     run.add_argument("--seed", type=int, dest="workload_seed")
     run.set_defaults(handler=_run)
-    sub.add_parser("worker", help="the Faust stream worker").set_defaults(handler=_worker)
+    sub.add_parser("worker", help="the Faust stream worker, until stopped").set_defaults(
+        handler=_worker
+    )
+    sub.add_parser("sink", help="the ClickHouse sink, until stopped").set_defaults(handler=_sink)
+    sub.add_parser(
+        "up", help="broker, migrations, sink and worker on this machine, supervised, until stopped"
+    ).set_defaults(handler=_up)
+    status = sub.add_parser("status", help="what runs, consumer lag, rows, recent dead letters")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=_status)
     for name, handler in (("kafka", _kafka), ("clickhouse", _clickhouse)):
         service = sub.add_parser(name, help=f"start or stop the local {name} service")
         service.add_argument("action", choices=("start", "stop"))
         service.set_defaults(handler=handler)
     sub.add_parser("migrate", help="apply ClickHouse migrations").set_defaults(handler=_migrate)
+    sub.add_parser(
+        "topics", help="create Tally's topics on the configured cluster and hold them to spec"
+    ).set_defaults(handler=_topics)
     sub.add_parser("report", help="print aggregates from ClickHouse").set_defaults(handler=_report)
     return parser
 
@@ -135,6 +218,10 @@ def configure_logging(level: str) -> None:
         logging.getLogger(name).setLevel(max(floor, logging.getLevelName(level)))
 
 
+# Long-running services stop on a signal by finishing their work in hand, not by an
+# exception: Faust handles the worker's signals, deploy/sink_service.py the sink's.
+_SERVICES = frozenset({"worker", "sink"})
+
 _OVERRIDES = ("workload_events", "workload_clients", "workload_duration_s", "workload_seed")
 
 
@@ -149,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tally: invalid configuration: {err}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    if args.command != "worker":  # Faust handles the worker's signals itself
+    if args.command not in _SERVICES:
         install_interrupt_handlers()
     try:
         return int(args.handler(settings, args))
@@ -165,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tally: interrupted; everything started was stopped", file=sys.stderr)
         return 130
+    finally:
+        ignore_interrupts_from_now()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ completion, error or Ctrl-C alike.
 import contextlib
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -19,8 +18,9 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from deploy.interrupts import interrupts_deferred
+from deploy.interrupts import interrupts_deferred, raise_if_interrupted
 from deploy.kafka import ensure_topics, fetch_broker_jars, start_kafka, stop_kafka
+from deploy.services.process import spawn_child, stop_child
 from deploy.settings import Settings, settings_environ
 from deploy.wiring import kafka_jars_dir, open_backend, sink_config, topic_names, topic_specs
 from producers.sdk import TallyProducer
@@ -76,34 +76,18 @@ def kafka_for(settings: Settings) -> Iterator[str]:
 def stream_worker(settings: Settings, bootstrap: str) -> Iterator[subprocess.Popen[bytes]]:
     """The Faust worker in a child process of its own group, stopped (SIGTERM, then KILL)."""
     log_path = settings.state_dir / "logs" / "worker.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **settings_environ(settings), "TALLY_KAFKA_BOOTSTRAP": bootstrap}
     worker: subprocess.Popen[bytes] | None = None
     try:
-        with interrupts_deferred(), open(log_path, "ab") as log_file:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "deploy.cli", "worker"],
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+        with interrupts_deferred():  # the worker is under the finally below before any raise
+            worker = spawn_child(
+                [sys.executable, "-m", "deploy.cli", "worker"], log_path=log_path, env=env
             )
         log.info("stream worker started (pid %d, log %s)", worker.pid, log_path)
         yield worker
     finally:
         if worker is not None:
-            _stop_process_group(worker)
-
-
-def _stop_process_group(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+            stop_child(worker)
 
 
 class StageFailed(RuntimeError):
@@ -178,15 +162,17 @@ def replay_workload(
         end_ms=int(time.time() * 1000),
         span_ms=WORKLOAD_SPAN_MS,
     )
-    producer = TallyProducer(
-        bootstrap, topic_names(settings), compression_type=settings.kafka_compression_type
-    )
+    with interrupts_deferred():  # kafka-python's bootstrap would swallow an interrupt
+        producer = TallyProducer(
+            bootstrap, topic_names(settings), compression_type=settings.kafka_compression_type
+        )
     started = time.monotonic()
     pace = settings.workload_duration_s / len(events)
     log.info("replaying %d events over %.0f s", len(events), settings.workload_duration_s)
     try:
         progress = tqdm(events, desc="events", unit="ev", file=sys.stderr, disable=None)
         for n, event in enumerate(progress):
+            raise_if_interrupted()
             producer.emit(event)
             ahead = started + n * pace - time.monotonic()
             if ahead > 0:
@@ -210,11 +196,13 @@ def run_pipeline(settings: Settings, *, drain_timeout_s: float = 180.0) -> RunSu
         with contextlib.ExitStack() as stages:
             bootstrap = stages.enter_context(kafka_for(settings))
             ensure_topics(bootstrap, topic_specs(settings))
-            sink = EnrichedSink(sink_config(settings, bootstrap), ClickHouseWriter(backend))
+            with interrupts_deferred():  # kafka-python's bootstrap would swallow an interrupt
+                sink = EnrichedSink(sink_config(settings, bootstrap), ClickHouseWriter(backend))
             sinking = stages.enter_context(sink_thread(sink))
             worker = stages.enter_context(stream_worker(settings, bootstrap))
 
             def check_stages() -> None:
+                raise_if_interrupted()
                 check_worker(worker, settings)
                 sinking.check()
 

@@ -65,6 +65,10 @@ class Settings:
     clickhouse_port: int = 9000
     clickhouse_user: str = "default"
     clickhouse_password: Secret = field(default=Secret(""), repr=False)
+    clickhouse_password_file: Path | None = None
+    """A file holding the password, read when ClickHouse is opened (a host that never opens
+    it, say the stream worker's, needs no such file); surrounding whitespace is not part of
+    the password. Instead of ``clickhouse_password``, which keeps it out of the environment."""
     clickhouse_database: str = "tally"
     hmac_key_file: Path | None = None
     """Lines of ``key_id:hex_secret``; the first is the active key. Unset: a key is made
@@ -97,6 +101,10 @@ class Settings:
             raise SettingsError("TALLY_WORKLOAD_DURATION_S: must not be negative")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError("TALLY_LOG_LEVEL: one of DEBUG, INFO, WARNING, ERROR")
+        if self.clickhouse_password_file is not None and self.clickhouse_password:
+            raise SettingsError(
+                "TALLY_CLICKHOUSE_PASSWORD_FILE: set it or TALLY_CLICKHOUSE_PASSWORD, not both"
+            )
 
     @property
     def kafka_compression_type(self) -> str | None:
@@ -109,6 +117,25 @@ class Settings:
         if not path.is_file():
             raise SettingsError(f"TALLY_GEOIP_DATABASE: no file at {path}")
         return path
+
+    def clickhouse_secret(self) -> Secret:
+        """The ClickHouse password: the file's (``clickhouse_password_file``), read now, or
+        ``clickhouse_password``."""
+        path = self.clickhouse_password_file
+        if path is None:
+            return self.clickhouse_password
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise SettingsError(f"TALLY_CLICKHOUSE_PASSWORD_FILE: no file at {path}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+            raise SettingsError(
+                f"TALLY_CLICKHOUSE_PASSWORD_FILE: cannot read {path}: {reason}"
+            ) from None
+        if not text.strip():
+            raise SettingsError(f"TALLY_CLICKHOUSE_PASSWORD_FILE: {path} holds no password")
+        return Secret(text.strip())
 
     def hmac_keys(self) -> list[HmacKey]:
         """The pseudonymization keys, the active one first. Makes one if none is configured."""

@@ -2,12 +2,15 @@
 
 from pathlib import Path
 
+import orjson
+
 from deploy.kafka import TopicSpec
 from deploy.settings import Settings
 from schemas import topics
 from schemas.topics import TopicNames
 from sinks.backends import ClickHouseBackend, EmbeddedClickHouse, ServerClickHouse
 from sinks.consumer import SinkConfig
+from sinks.query_service import RemoteClickHouse
 from streams.app import StreamConfig
 from streams.enrich import GeoLookup, Lookups
 from streams.pseudonymize import Pseudonymizer
@@ -39,10 +42,41 @@ def open_backend(settings: Settings) -> ClickHouseBackend:
             settings.clickhouse_host,
             settings.clickhouse_port,
             user=settings.clickhouse_user,
-            password=settings.clickhouse_password.reveal(),
+            password=settings.clickhouse_secret().reveal(),
             database=settings.clickhouse_database,
         )
     return EmbeddedClickHouse(settings.state_dir / "clickhouse", settings.clickhouse_database)
+
+
+def query_service_file(settings: Settings) -> Path:
+    """Where a sink that owns embedded ClickHouse says how to query through it (mode 0600)."""
+    return settings.state_dir / "run" / "query-service.json"
+
+
+def open_reader(settings: Settings) -> ClickHouseBackend:
+    """ClickHouse to read from: the server; or embedded, through the sink process that owns
+    it while `tally up` or `tally sink` runs, else opened here.
+
+    Raises EmbeddedInUseError when a process owns embedded ClickHouse but does not answer
+    (a sink starting or restarting): try again shortly.
+    """
+    connection = query_service_file(settings)
+    if settings.clickhouse_backend == "embedded" and connection.exists():
+        found = orjson.loads(connection.read_bytes())
+        remote = RemoteClickHouse(found["url"], found["token"], settings.clickhouse_database)
+        if remote.answers():
+            return remote
+    return open_backend(settings)
+
+
+def open_writer(settings: Settings, *, wait_s: float = 30.0) -> ClickHouseBackend:
+    """ClickHouse for a long-running writer: like ``open_backend``, but on embedded it waits
+    up to ``wait_s`` for a reader that has the folder open (`tally report`) to let go."""
+    if settings.clickhouse_backend == "embedded":
+        return EmbeddedClickHouse(
+            settings.state_dir / "clickhouse", settings.clickhouse_database, wait_s=wait_s
+        )
+    return open_backend(settings)
 
 
 def build_lookups(settings: Settings) -> Lookups:

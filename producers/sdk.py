@@ -70,6 +70,9 @@ class TallyProducer:
             acks="all",
             linger_ms=5,
             compression_type=compression_type,
+            # A topic made on demand gets the cluster's default retention (7 days in Kafka):
+            # the raw topic, with raw ids and IPs, must only ever be made to its spec.
+            allow_auto_create_topics=False,
             **kafka_options,
         )
 

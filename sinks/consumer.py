@@ -7,6 +7,7 @@ topic with a reason code (never silently dropped) and costs nothing else.
 """
 
 import logging
+import re
 import threading
 import time
 from collections import defaultdict
@@ -14,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from kafka import KafkaConsumer, KafkaProducer
-from kafka.errors import CommitFailedError
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.errors import CommitFailedError, GroupIdNotFoundError, KafkaError, for_code
 
 from schemas.dead_letter import dead_letter
 from schemas.reasons import ReasonCode
@@ -37,6 +38,74 @@ class SinkConfig:
     """The codec of the dead-letter batches; None: uncompressed."""
 
 
+_COORDINATOR_WAIT_S = 30.0
+"""How long a new sink waits for its group's coordinator before joining anyway."""
+_COORDINATOR_POLL_S = 0.1
+_BROKER_ERROR = re.compile(r"^\[Error (-?\d+)\]")
+
+
+def _await_group_coordinator(bootstrap: str, group_id: str, timeout_s: float) -> bool:
+    """Wait until the broker coordinating ``group_id`` answers for it; return whether it did.
+
+    On a broker that has just started, the first group to ask creates the offsets topic, and
+    for a second or two its coordinator refuses (COORDINATOR_NOT_AVAILABLE, NOT_COORDINATOR,
+    COORDINATOR_LOAD_IN_PROGRESS): a consumer joining meanwhile logs a WARNING per refusal.
+    Asking to describe the group meets the same refusals, silently. On any other answer (the
+    group, no such group yet, no right to describe it), an unreachable cluster or the
+    deadline, this returns and the consumer's own handling takes over. A fresh client per
+    attempt re-finds the coordinator, as a consumer does after NOT_COORDINATOR.
+    """
+    started = time.monotonic()
+    deadline = started + timeout_s
+    while (left_ms := int((deadline - time.monotonic()) * 1000)) > 0:
+        try:
+            admin = KafkaAdminClient(
+                bootstrap_servers=bootstrap,
+                bootstrap_timeout_ms=left_ms,
+                request_timeout_ms=max(1000, min(left_ms, 10_000)),
+            )
+        except KafkaError as err:
+            log.debug("group coordinator not checked, cluster unreachable: %s", err)
+            return False
+        try:
+            error = admin.describe_groups([group_id])[group_id].get("error")
+        except KafkaError as err:  # FindCoordinator refused, a request timed out, ...
+            if not err.retriable:
+                log.debug("group coordinator not checked: %s", err)
+                return False
+            error = None
+        else:
+            code = _BROKER_ERROR.match(error) if error else None
+            refusal = for_code(int(code.group(1))) if code else None
+            if refusal is None or refusal is GroupIdNotFoundError or not refusal.retriable:
+                log.debug(
+                    "coordinator of group %s answered after %.1f s: %s",
+                    group_id, time.monotonic() - started, error or "ok",
+                )  # fmt: skip
+                return True
+        finally:
+            admin.close()
+        # polling the coordinator against the deadline, not synchronizing
+        time.sleep(min(_COORDINATOR_POLL_S, max(0.0, deadline - time.monotonic())))
+    log.info("the coordinator of group %s did not answer in %.0f s; joining", group_id, timeout_s)
+    return False
+
+
+def _fetch_subscribed_metadata(consumer: KafkaConsumer, timeout_s: float) -> None:
+    """Fetch the metadata of the consumer's subscribed topics before its first poll.
+
+    A new consumer's metadata names no topic yet, and kafka-python holds the refresh for its
+    subscription back (``retry_backoff_ms``) while it joins: with a coordinator that answers
+    at once, the leader assigns before it knows the topic's partitions (a WARNING, "No
+    partition metadata"), and the group rebalances when they arrive. A fresh bootstrap asks
+    for the subscribed topics' metadata now.
+    """
+    try:
+        consumer.bootstrap(timeout_ms=int(timeout_s * 1000), refresh=True)
+    except KafkaError as err:  # the first poll will retry; nothing is lost
+        log.debug("topic metadata not fetched before joining: %s", err)
+
+
 class EnrichedSink:
     """Moves the enriched topic into ClickHouse. Not thread-safe: one thread runs it."""
 
@@ -44,8 +113,14 @@ class EnrichedSink:
         self.config = config
         self.writer = writer
         self.rows_written = 0
+        """Rows inserted: each event once (a replayed one is not inserted again)."""
+        self.messages_done = 0
+        """Messages written, skipped as already stored, or dead-lettered, and committed."""
         self.dead_letters = 0
         self.first_write_at: float | None = None
+        # Joining before the group's coordinator is up, or before this consumer knows the
+        # topic's partitions, costs WARNING lines and a rebalance: both are awaited first.
+        _await_group_coordinator(config.bootstrap, config.group_id, _COORDINATOR_WAIT_S)
         self._consumer = KafkaConsumer(
             config.topics.enriched,
             bootstrap_servers=config.bootstrap,
@@ -53,11 +128,14 @@ class EnrichedSink:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=config.batch_size,
+            allow_auto_create_topics=False,  # topics are made to their spec, never on demand
         )
+        _fetch_subscribed_metadata(self._consumer, _COORDINATOR_WAIT_S)
         self._producer = KafkaProducer(
             bootstrap_servers=config.bootstrap,
             acks="all",
             compression_type=config.compression_type,
+            allow_auto_create_topics=False,
         )
 
     def close(self) -> None:
@@ -128,6 +206,7 @@ class EnrichedSink:
             # The group rebalanced under us: whoever owns the partitions now replays this
             # batch, and the tables keep one row per event id, so this is no loss.
             log.warning("offsets not committed after a rebalance; the batch will be replayed")
+        self.messages_done += len(messages)
         log.debug("wrote %d rows from %d messages", written, len(messages))
         if written and self.first_write_at is None:
             self.first_write_at = time.time()

@@ -203,13 +203,13 @@ def _sink_until(backend: ClickHouseBackend, settings: Settings, group: str, rows
     stop = threading.Event()
     deadline = time.monotonic() + DEADLINE_S
     try:
-        while sink.rows_written < rows and time.monotonic() < deadline:
+        while sink.messages_done < rows and time.monotonic() < deadline:
             messages = sink.poll_batch()
             if messages:
                 sink.write_batch(messages, stop)
     finally:
         sink.close()
-    assert sink.rows_written >= rows, f"sink wrote {sink.rows_written} rows"
+    assert sink.messages_done >= rows, f"sink handled {sink.messages_done} messages"
 
 
 def _stored(backend: ClickHouseBackend, event_type: str) -> dict[str, dict[str, object]]:
@@ -249,12 +249,13 @@ def test_each_consent_level_stores_exactly_what_it_allows(
 def test_replaying_the_topic_does_not_double_count(
     pipeline_run: PipelineRun, backend: ClickHouseBackend
 ):
-    """A second consumer group replaying the same events leaves one row per event."""
+    """Two more consumer groups replaying the same events leave one row per event, counted
+    without FINAL (a materialized view would see every inserted row)."""
     apply_migrations(backend)
-    for _ in range(2):
+    for _ in range(3):
         _sink_until(backend, pipeline_run.settings, f"replay-{uuid.uuid4().hex[:8]}",
                     len(pipeline_run.sent))  # fmt: skip
-    count = backend.query(f"SELECT count() FROM {table_name('login')} FINAL")[0][0]
+    count = backend.query(f"SELECT count() FROM {table_name('login')}")[0][0]
     assert count == sum(1 for s in pipeline_run.sent if s.event_type == "login")
 
 

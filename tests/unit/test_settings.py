@@ -97,3 +97,71 @@ def test_settings_round_trip_through_a_child_environment(tmp_path):
     """The variables handed to a child process rebuild equal settings."""
     settings = load_settings({"TALLY_STATE_DIR": str(tmp_path), "TALLY_CLICKHOUSE_PASSWORD": "pw"})
     assert load_settings(settings_environ(settings)) == settings
+
+
+def test_clickhouse_password_comes_from_a_file_read_when_needed(tmp_path):
+    """TALLY_CLICKHOUSE_PASSWORD_FILE holds the password (its line break is not part of it);
+    the file is read when ClickHouse is opened, so a settings object without the file loads
+    (a host that never opens ClickHouse needs none); and the password never shows."""
+    password_file = tmp_path / "ch-password"
+    settings = load_settings({"TALLY_CLICKHOUSE_PASSWORD_FILE": str(password_file)})
+    password_file.write_text("hunter2-from-file\n")
+    secret = settings.clickhouse_secret()
+    assert isinstance(secret, Secret) and secret.reveal() == "hunter2-from-file"
+    assert "hunter2" not in repr(settings) + str(secret) + repr(secret)
+    assert load_settings(settings_environ(settings)) == settings
+    plain = load_settings({"TALLY_CLICKHOUSE_PASSWORD": "pw"})
+    assert plain.clickhouse_secret().reveal() == "pw"
+    assert load_settings({}).clickhouse_secret().reveal() == ""
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "TALLY_CLICKHOUSE_PASSWORD_FILE: no file at "),
+        ("\n", "TALLY_CLICKHOUSE_PASSWORD_FILE: "),
+        (b"\xffhunter2\xfe", "TALLY_CLICKHOUSE_PASSWORD_FILE: cannot read "),
+    ],
+    ids=["missing", "empty", "not text"],
+)
+def test_a_bad_clickhouse_password_file_fails_in_one_line(tmp_path, content, message):
+    """A missing, empty or unreadable password file fails in one line naming the variable,
+    and never quotes the file."""
+    password_file = tmp_path / "ch-password"
+    if isinstance(content, bytes):
+        password_file.write_bytes(content)
+    elif content is not None:
+        password_file.write_text(content)
+    settings = load_settings({"TALLY_CLICKHOUSE_PASSWORD_FILE": str(password_file)})
+    with pytest.raises(SettingsError) as caught:
+        settings.clickhouse_secret()
+    assert str(caught.value).startswith(message)
+    assert "\n" not in str(caught.value) and "hunter2" not in str(caught.value)
+
+
+def test_clickhouse_password_and_its_file_are_exclusive(tmp_path):
+    """Both a password and a password file is a mistake, refused at load in one line."""
+    environ = {
+        "TALLY_CLICKHOUSE_PASSWORD": "hunter2",
+        "TALLY_CLICKHOUSE_PASSWORD_FILE": str(tmp_path / "ch-password"),
+    }
+    with pytest.raises(SettingsError, match=r"^TALLY_CLICKHOUSE_PASSWORD_FILE: .*not both$"):
+        load_settings(environ)
+
+
+def test_open_backend_uses_the_password_file(tmp_path, monkeypatch):
+    """The server backend is opened with the file's password."""
+    import deploy.wiring
+
+    opened: dict[str, object] = {}
+    monkeypatch.setattr(deploy.wiring, "ServerClickHouse", lambda *a, **kw: opened.update(kw))
+    password_file = tmp_path / "ch-password"
+    password_file.write_text("hunter2-from-file\n")
+    settings = load_settings(
+        {
+            "TALLY_CLICKHOUSE_BACKEND": "server",
+            "TALLY_CLICKHOUSE_PASSWORD_FILE": str(password_file),
+        }
+    )
+    deploy.wiring.open_backend(settings)
+    assert opened["password"] == "hunter2-from-file"

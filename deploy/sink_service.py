@@ -1,0 +1,94 @@
+"""`tally sink`: the ClickHouse writer as a long-running service.
+
+It runs until SIGINT or SIGTERM, then finishes the batch in hand, commits and exits 0. On
+embedded ClickHouse it owns the data folder (one process per folder), so it also answers
+read-only queries for `tally status` and `tally report` (sinks/query_service.py); how to
+reach it is written to a connection file, mode 0600, removed on stop.
+"""
+
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+import orjson
+
+from deploy.settings import Settings, SettingsError
+from deploy.wiring import open_writer, query_service_file, sink_config
+from sinks.consumer import EnrichedSink
+from sinks.migrations import apply_migrations
+from sinks.query_service import QueryService, SerializedBackend
+from sinks.writer import ClickHouseWriter
+
+log = logging.getLogger(__name__)
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGINT or SIGTERM: the service finishes its work in hand, then stops."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        if not stop.is_set():
+            log.info("%s received; stopping after the batch in hand", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, request_stop)
+    return stop
+
+
+@contextlib.contextmanager
+def serving_queries(backend: SerializedBackend, connection_file: Path) -> Iterator[None]:
+    """Answer read-only queries on loopback while the block runs."""
+    token = secrets.token_urlsafe(32)
+    with QueryService(backend, token) as service:
+        _write_private(connection_file, orjson.dumps({"url": service.url, "token": token}))
+        try:
+            yield
+        finally:
+            connection_file.unlink(missing_ok=True)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` whole with ``data``, readable by its owner only (mode 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    staging.replace(path)
+
+
+def run_sink_service(settings: Settings) -> int:
+    """Consume the enriched topic into ClickHouse until stopped; see the module docstring."""
+    if not settings.kafka_bootstrap:
+        raise SettingsError("TALLY_KAFKA_BOOTSTRAP: the sink needs a Kafka cluster")
+    stop = stop_on_signals()
+    backend = SerializedBackend(open_writer(settings))
+    try:
+        apply_migrations(backend)
+        config = sink_config(settings, settings.kafka_bootstrap)
+        sink = EnrichedSink(config, ClickHouseWriter(backend))
+        try:
+            with contextlib.ExitStack() as stack:
+                if backend.name == "embedded":
+                    stack.enter_context(serving_queries(backend, query_service_file(settings)))
+                log.info(
+                    "sink ready: %s into %s ClickHouse, database %s (group %s)",
+                    config.topics.enriched,
+                    backend.name,
+                    backend.database,
+                    config.group_id,
+                )
+                sink.run(stop)
+        finally:
+            sink.close()
+    finally:
+        backend.close()
+    log.info("sink stopped after writing %d rows", sink.rows_written)
+    return 0
