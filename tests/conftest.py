@@ -1,5 +1,10 @@
+import signal
+from collections.abc import Iterator
+
+import pytest
 from hypothesis import HealthCheck, settings
 
+from deploy import interrupts
 from tests.profile import IN_CI
 
 pytest_plugins = ["tests.kafka_fixtures", "tests.clickhouse_fixtures"]
@@ -13,3 +18,15 @@ settings.register_profile(
     "dev", deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=100
 )
 settings.load_profile("ci" if IN_CI else "dev")
+
+
+@pytest.fixture
+def handlers() -> Iterator[None]:
+    """SIGINT and SIGTERM routed through deploy.interrupts, as in a command; restored after."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    interrupts._state = interrupts._State()
+    interrupts.install_interrupt_handlers()
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+    interrupts._state = interrupts._State()

@@ -2,7 +2,6 @@
 leaves behind (nothing), what it prints (no raw value, even at DEBUG), and how it stops on
 Ctrl-C, SIGTERM or a failed stage."""
 
-import contextlib
 import os
 import random
 import re
@@ -10,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -18,8 +16,7 @@ import pytest
 
 from deploy.run import WORKLOAD_SPAN_MS
 from producers.workload import generate_workload
-from tests.kafka_fixtures import KAFKA_JARS_DIR
-from tests.services import free_ports
+from tests.e2e.commands import processes_under, tally_environ
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
@@ -27,26 +24,6 @@ RUN_TIMEOUT_S = 240
 STOP_DEADLINE_S = 60
 CLIENTS = 300
 END_MS = 1_800_000_000_000  # the counts of a seeded workload do not depend on when it ends
-
-
-def _environ(state_dir: Path, *, jars_dir: Path | None = KAFKA_JARS_DIR, **extra: str) -> dict:
-    """The run's settings: its own state folder, and broker ports taken free once per folder
-    (a broker's storage keeps its controller's address, so a folder keeps its ports)."""
-    ports = state_dir.parent / "ports"
-    if not ports.exists():
-        ports.write_text(" ".join(map(str, free_ports(2))))
-    port, controller_port = ports.read_text().split()
-    env = {
-        **os.environ,
-        "TALLY_STATE_DIR": str(state_dir),
-        "TALLY_KAFKA_PORT": port,
-        "TALLY_KAFKA_CONTROLLER_PORT": controller_port,
-        "TALLY_SESSION_TIMEOUT_S": "6",
-        **extra,
-    }
-    if jars_dir is not None:
-        env["TALLY_KAFKA_JARS_DIR"] = str(jars_dir)
-    return env
 
 
 def _tally_run(env: dict, events: int, seed: int) -> subprocess.CompletedProcess[str]:
@@ -90,50 +67,13 @@ def _report(stdout: str) -> tuple[list[tuple[datetime, int, int]], int, int]:
     return hours, int(total.group(1)), int(total.group(2))
 
 
-def _processes_under(state_dir: Path) -> list[str]:
-    """Command lines of live processes started for this state folder."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                environ = (proc / "environ").read_bytes()
-                state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
-            except OSError:
-                continue
-            if state != "Z" and (str(state_dir) in cmdline or str(state_dir).encode() in environ):
-                found.append(cmdline)
-    return found
-
-
-def _kill_leftovers(state_dir: Path) -> None:
-    """Leave nothing to the next test, whatever this one found."""
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                environ = (proc / "environ").read_bytes()
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(state_dir).encode() in environ + cmdline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(proc.name), signal.SIGKILL)
-
-
-@pytest.fixture
-def state_dir(tmp_path: Path) -> Iterator[Path]:
-    state = tmp_path / "state"
-    yield state
-    _kill_leftovers(state)
-
-
 def test_tally_run_twice_reports_exact_counts_and_leaves_nothing(state_dir: Path):
     """The first run fetches the broker jars and reports every hour from the first login to
     the last with exactly the workload's logins; a second run (another seed, at DEBUG) reuses
     the jars untouched and adds exactly its own logins; neither prints a raw value nor
     leaves a process."""
     jars = state_dir / "kafka-jars"
-    first = _tally_run(_environ(state_dir, jars_dir=None), 300, seed=1)
+    first = _tally_run(tally_environ(state_dir, jars_dir=None), 300, seed=1)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "fetched Kafka broker jars" in first.stderr
     assert "Logins per hour, read back from ClickHouse" in first.stdout
@@ -147,16 +87,18 @@ def test_tally_run_twice_reports_exact_counts_and_leaves_nothing(state_dir: Path
     first_row = re.search(r"first row after ([0-9.]+) s", first.stdout)
     assert first_row, first.stdout
     print(f"tally run: first row in ClickHouse after {first_row.group(1)} s")
-    assert not _processes_under(state_dir)
+    assert not processes_under(state_dir)
     kafka_jar = next(jars.glob("kafka_2.13-*.jar"))
     fetched_at = kafka_jar.stat().st_mtime_ns
 
-    second = _tally_run(_environ(state_dir, jars_dir=None, TALLY_LOG_LEVEL="DEBUG"), 200, seed=2)
+    second = _tally_run(
+        tally_environ(state_dir, jars_dir=None, TALLY_LOG_LEVEL="DEBUG"), 200, seed=2
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert "reusing cached Kafka broker jars" in second.stderr
     assert kafka_jar.stat().st_mtime_ns == fetched_at
     assert _report(second.stdout)[1] == total + _logins(200, seed=2)[0]
-    assert not _processes_under(state_dir)
+    assert not processes_under(state_dir)
 
     worker_log = (state_dir / "logs" / "worker.log").read_text()
     assert "DEBUG sinks.consumer" in second.stderr and "[DEBUG]" in worker_log, "not at DEBUG"
@@ -169,7 +111,7 @@ def _start_run(state_dir: Path, seed: int = 42) -> subprocess.Popen[str]:
     command = [sys.executable, "-m", "deploy.cli", "run", "--events", "5000", "--duration",
                "120", "--seed", str(seed)]  # fmt: skip
     return subprocess.Popen(
-        command, env=_environ(state_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        command, env=tally_environ(state_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True,
     )  # fmt: skip
 
@@ -196,7 +138,7 @@ def _stop_and_check(run: subprocess.Popen[str], state_dir: Path, signum: int) ->
         rest = run.communicate()[0]
         message = f"tally run did not stop within {STOP_DEADLINE_S} s:\n{rest}"
         raise AssertionError(message) from timeout
-    left = _processes_under(state_dir)
+    left = processes_under(state_dir)
     assert not left, f"left running after {signal.Signals(signum).name}: {left}\n{rest[-2000:]}"
     return rest
 
@@ -211,7 +153,7 @@ def test_ctrl_c_stops_everything(state_dir: Path, moment: str):
         if moment == "mid-replay":
             _read_until(run, "replaying 5000 events")
             time.sleep(3)  # the moment under test: three seconds into a two-minute replay
-        assert _processes_under(state_dir), "nothing was started"
+        assert processes_under(state_dir), "nothing was started"
         rest = _stop_and_check(run, state_dir, signal.SIGINT)
     finally:
         if run.poll() is None:
@@ -258,4 +200,4 @@ def test_a_dead_worker_stops_the_run_with_a_clear_error(state_dir: Path):
     assert run.returncode == 1, rest[-2000:]
     assert "the stream worker exited with status -9" in rest
     assert "worker.log" in rest
-    assert not _processes_under(state_dir)
+    assert not processes_under(state_dir)

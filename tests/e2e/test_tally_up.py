@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -21,9 +21,7 @@ from producers.workload import generate_workload
 from schemas.enriched import table_name
 from schemas.events import EVENT_TYPES
 from sinks.backends import ClickHouseError
-from tests.e2e.test_tally_run import _kill_leftovers, _processes_under
-from tests.kafka_fixtures import KAFKA_JARS_DIR
-from tests.services import free_ports
+from tests.e2e.commands import processes_under, tally_environ
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
@@ -31,27 +29,8 @@ DEADLINE_S = 120.0
 STOP_DEADLINE_S = 60.0
 
 
-@pytest.fixture
-def state_dir(tmp_path: Path) -> Iterator[Path]:
-    state = tmp_path / "state"
-    yield state
-    _kill_leftovers(state)
-
-
 def up_environ(state_dir: Path) -> dict[str, str]:
-    ports = state_dir.parent / "ports"
-    if not ports.exists():
-        ports.write_text(" ".join(map(str, free_ports(2))))
-    port, controller_port = ports.read_text().split()
-    return {
-        **os.environ,
-        "TALLY_STATE_DIR": str(state_dir),
-        "TALLY_KAFKA_JARS_DIR": str(KAFKA_JARS_DIR),
-        "TALLY_KAFKA_PORT": port,
-        "TALLY_KAFKA_CONTROLLER_PORT": controller_port,
-        "TALLY_SESSION_TIMEOUT_S": "6",
-        "TALLY_SINK_BATCH_INTERVAL_S": "0.3",
-    }
+    return tally_environ(state_dir, TALLY_SINK_BATCH_INTERVAL_S="0.3")
 
 
 def start_up(state_dir: Path) -> tuple[subprocess.Popen[bytes], Path]:
@@ -161,7 +140,7 @@ def test_services_restart_after_sigkill_and_every_event_lands_once(state_dir: Pa
     assert up.returncode == 0, log[-3000:]
     stops = [log.index(line) for line in ("stopped worker", "stopped sink", "stopped Kafka")]
     assert stops == sorted(stops), log[-3000:]
-    assert not _processes_under(state_dir)
+    assert not processes_under(state_dir)
     after = tally(state_dir, "status")
     assert after.returncode == 1 and "tally up is not running" in after.stdout
 
@@ -190,5 +169,5 @@ def test_interrupts_at_random_moments_leave_no_process(state_dir: Path):
         # 0 once it stopped what it started; 128 + the signal when it came before anything
         # was started; killed by the signal itself before the handlers were installed.
         assert up.returncode in (0, 128 + signum, -signum), (attempt, delay, log[-3000:])
-        left = _processes_under(state_dir)
+        left = processes_under(state_dir)
         assert not left, (attempt, delay, left, log[-3000:])

@@ -3,7 +3,6 @@
 import contextlib
 import os
 import signal
-from collections.abc import Iterator
 
 import pytest
 
@@ -11,21 +10,9 @@ from deploy import interrupts
 from deploy.interrupts import (
     Interrupted,
     ignore_interrupts_from_now,
-    install_interrupt_handlers,
     interrupts_deferred,
     raise_if_interrupted,
 )
-
-
-@pytest.fixture
-def handlers() -> Iterator[None]:
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    interrupts._state = interrupts._State()
-    install_interrupt_handlers()
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
-    interrupts._state = interrupts._State()
 
 
 def test_a_signal_inside_the_block_is_raised_when_it_ends(handlers: None):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from deploy import interrupts
-from deploy.interrupts import Interrupted, install_interrupt_handlers
+from deploy.interrupts import Interrupted
 from deploy.services import process
 from deploy.services.process import (
     command_line,
@@ -72,18 +72,6 @@ def service_pids() -> Iterator[list[int]]:
         if exit_code(pid) is None:
             signal_group(pid, signal.SIGKILL)
             _until(lambda pid=pid: exit_code(pid) is not None, f"pid {pid} reaped")
-
-
-@pytest.fixture
-def handlers() -> Iterator[None]:
-    """SIGINT and SIGTERM routed through deploy.interrupts, as in a command; restored after."""
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    interrupts._state = interrupts._State()
-    install_interrupt_handlers()
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
-    interrupts._state = interrupts._State()
 
 
 def test_spawn_child_logs_its_output_in_a_session_of_its_own(

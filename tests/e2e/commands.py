@@ -1,0 +1,63 @@
+"""What the end-to-end tests share: a `tally` command's environment on a state folder of its
+own, and the processes started for that folder (to find leftovers, and to kill them)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+from tests.kafka_fixtures import KAFKA_JARS_DIR
+from tests.services import free_ports
+
+
+def tally_environ(
+    state_dir: Path, *, jars_dir: Path | None = KAFKA_JARS_DIR, **extra: str
+) -> dict[str, str]:
+    """Settings for a command on ``state_dir``, with broker ports taken free once per folder
+    (a broker's storage keeps its controller's address, so a folder keeps its ports)."""
+    ports = state_dir.parent / "ports"
+    if not ports.exists():
+        ports.parent.mkdir(parents=True, exist_ok=True)
+        ports.write_text(" ".join(map(str, free_ports(2))))
+    port, controller_port = ports.read_text().split()
+    env = {
+        **os.environ,
+        "TALLY_STATE_DIR": str(state_dir),
+        "TALLY_KAFKA_PORT": port,
+        "TALLY_KAFKA_CONTROLLER_PORT": controller_port,
+        "TALLY_SESSION_TIMEOUT_S": "6",
+        **extra,
+    }
+    if jars_dir is not None:
+        env["TALLY_KAFKA_JARS_DIR"] = str(jars_dir)
+    return env
+
+
+def _started_for(state_dir: Path) -> list[tuple[int, str]]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            environ = (proc / "environ").read_bytes()
+            state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and (str(state_dir) in cmdline or str(state_dir).encode() in environ):
+            found.append((int(proc.name), cmdline))
+    return found
+
+
+def processes_under(state_dir: Path) -> list[str]:
+    """Command lines of live processes started for this state folder."""
+    return [cmdline for _, cmdline in _started_for(state_dir)]
+
+
+def kill_leftovers(state_dir: Path) -> None:
+    """Leave nothing to the next test, whatever this one found."""
+    for pid, _ in _started_for(state_dir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
