@@ -207,8 +207,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # Kafka clients log whole protocol messages at DEBUG, record batches with raw ids and IPs
-# among them: Tally's DEBUG never reaches them. kafka-python says a line per connection at INFO.
-_KAFKA_CLIENT_LOG_LEVELS = {"aiokafka": logging.INFO, "kafka": logging.WARNING}
+# among them: Tally's DEBUG never reaches them. kafka-python says a line per connection at
+# INFO, and warns whenever a step of its own event loop takes over 100 ms, which a busy
+# 2-core machine causes and no user can act on.
+_KAFKA_CLIENT_LOG_LEVELS = {
+    "aiokafka": logging.INFO,
+    "kafka": logging.WARNING,
+    "kafka.net.selector": logging.ERROR,
+}
 
 
 def configure_logging(level: str) -> None:
