@@ -4,6 +4,10 @@ Part of the contract: the stream step and the sink both write them, and alerts r
 
 A dead letter never holds a value of the event: no content, no raw id, no IP. The event type
 and version are kept only when they are declared ones, so even those cannot smuggle text.
+
+``index`` is the refused event's position in its batch (``schemas.batch``), counted from 0,
+so that it can be found at the source offset; it is null for a message holding one event and
+for a batch refused as a whole.
 """
 
 from typing import Any
@@ -23,6 +27,7 @@ def dead_letter(
     offset: int,
     received_ms: int,
     event_type: Any = None,
+    index: int | None = None,
 ) -> bytes:
     """The redacted record sent to the dead-letter topic."""
     record = {
@@ -30,6 +35,7 @@ def dead_letter(
         "field": field,
         "event_type": event_type if event_type in EVENT_TYPES else None,
         "source": {"topic": source_topic, "partition": partition, "offset": offset},
+        "index": index if type(index) is int else None,
         "received_ms": received_ms,
     }
     return orjson.dumps(record)

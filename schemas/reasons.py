@@ -23,14 +23,22 @@ class ReasonCode(StrEnum):
 
 
 REASON_DESCRIPTIONS: dict[ReasonCode, str] = {
-    ReasonCode.TOO_LARGE: "the encoded event is larger than MAX_EVENT_BYTES",
+    ReasonCode.TOO_LARGE: (
+        "the encoded event is larger than MAX_EVENT_BYTES, or a batch is larger than "
+        "MAX_BATCH_BYTES or holds more than MAX_BATCH_EVENTS events"
+    ),
     ReasonCode.MALFORMED_JSON: "not UTF-8 JSON, or not a JSON object",
     ReasonCode.CONTENT_FORBIDDEN: (
         "a field outside the allowlist, or a value that looks like free text (chat content); "
         "the value is dropped unseen"
     ),
-    ReasonCode.UNKNOWN_EVENT_TYPE: "event_type missing or not one of the declared types",
-    ReasonCode.UNSUPPORTED_VERSION: "schema_version of the type is not one this build knows",
+    ReasonCode.UNKNOWN_EVENT_TYPE: (
+        "event_type missing or not one of the declared types, or a batch_type other than "
+        "tally.batch"
+    ),
+    ReasonCode.UNSUPPORTED_VERSION: (
+        "schema_version of the type (or of the batch) is not one this build knows"
+    ),
     ReasonCode.INVALID_FIELD: "a declared field is missing, of the wrong type or out of range",
     ReasonCode.CLOCK_SKEW: "client_time_ms too far from the time the event was checked",
     ReasonCode.DUPLICATE: "an event id already seen within the deduplication window",

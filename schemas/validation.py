@@ -45,7 +45,7 @@ def looks_like_text(value: str) -> bool:
     return len(value.split(None, _MAX_WORDS)) > _MAX_WORDS
 
 
-def _nested_forbidden_content(value: Any) -> bool:
+def nested_forbidden_content(value: Any) -> bool:
     """Whether a list or object anywhere holds an unknown key or text (no field is nested,
     so this runs only on events that are invalid anyway)."""
     stack = [value]
@@ -71,7 +71,7 @@ def _first_forbidden_content(obj: dict[str, Any]) -> str | None:
         if type(value) is str:
             if key not in _TEXT_EXEMPT and looks_like_text(value):
                 return key
-        elif isinstance(value, dict | list) and _nested_forbidden_content(value):
+        elif isinstance(value, dict | list) and nested_forbidden_content(value):
             return key
     return None
 
@@ -85,10 +85,21 @@ def decode_event(raw: bytes, *, received_ms: int | None) -> Envelope:
     """
     if len(raw) > MAX_EVENT_BYTES:
         raise InvalidEvent(ReasonCode.TOO_LARGE)
+    return validate_event_object(parse_json(raw), received_ms=received_ms)
+
+
+def parse_json(raw: bytes) -> Any:
+    """The JSON value of ``raw``, or None when it is not JSON; never raises, so that no
+    exception (or its context) holds the input."""
     try:
-        obj = orjson.loads(raw)
+        return orjson.loads(raw)
     except (orjson.JSONDecodeError, RecursionError):
-        obj = None  # raised below, outside the handler, so no exception context holds input
+        return None
+
+
+def validate_event_object(obj: Any, *, received_ms: int | None) -> Envelope:
+    """Validate an already parsed event: every check of ``decode_event`` after size and
+    JSON syntax, in the same order (a batch's events are parsed with their batch)."""
     if not isinstance(obj, dict):
         raise InvalidEvent(ReasonCode.MALFORMED_JSON)
     event_type = obj.get("event_type")

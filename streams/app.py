@@ -2,9 +2,9 @@
 
 Delivery: ``take_events`` acks a batch only after the loop body returns, and Faust flushes
 the producer before it commits offsets (faust/transport/consumer.py, ``_commit_offsets``),
-so an offset of the raw topic is committed only once the enriched or dead-letter message is
-on the broker. A crash replays at most the uncommitted batch (at-least-once); the sink's
-writes are idempotent by event id.
+so an offset of the raw topic is committed only once every enriched or dead-letter message
+it gave (one per event of a batch) is on the broker. A crash replays at most the uncommitted
+batch (at-least-once); the sink's writes are idempotent by event id.
 """
 
 import asyncio
@@ -17,7 +17,7 @@ import faust
 from schemas.topics import TopicNames
 from streams.dedupe import RecentEventIds
 from streams.enrich import Lookups
-from streams.steps import Origin, validate_and_enrich
+from streams.steps import Origin, outcomes_of_message
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ class StreamConfig:
 
 
 def create_app(config: StreamConfig, lookups: Lookups) -> faust.App:
-    """The Faust app with the validate-and-enrich agent on the raw topic."""
+    """The Faust app with the validate-and-enrich agent on the raw topic, which reads single
+    events and batches alike."""
     app = faust.App(
         config.app_id,
         broker=f"kafka://{config.bootstrap}",
@@ -73,9 +74,9 @@ def create_app(config: StreamConfig, lookups: Lookups) -> faust.App:
                     message.offset,
                     int(message.timestamp * 1000),
                 )
-                outcome = validate_and_enrich(message.value, origin, lookups, recent)
-                topic = destinations[outcome.destination]
-                pending.append(await topic.send(key=outcome.key, value=outcome.value))
+                for outcome in outcomes_of_message(message.value, origin, lookups, recent):
+                    topic = destinations[outcome.destination]
+                    pending.append(await topic.send(key=outcome.key, value=outcome.value))
             await asyncio.gather(*pending)
 
     return app

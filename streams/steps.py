@@ -1,19 +1,26 @@
-"""One raw Kafka message to one outgoing message: enriched, or a dead letter with a reason.
+"""One raw Kafka message to its outgoing messages: each event enriched, or a dead letter with a
+reason.
 
-Pure and total: whatever the bytes, it returns an outcome and never raises, so one bad event
+A message holds one event or a batch (``schemas.batch``). A batch refused as a whole gives one
+dead letter; otherwise each of its events gives one outcome, in the batch's order, and the dead
+letter of a refused event carries its index in the batch.
+
+Pure and total: whatever the bytes, it returns outcomes and never raises, so one bad event
 can neither vanish nor stop a worker.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import orjson
 
+from schemas.batch import decode_message
 from schemas.dead_letter import dead_letter
+from schemas.events import Envelope
 from schemas.reasons import ReasonCode
 from schemas.validation import InvalidEvent, decode_event
 from streams.dedupe import RecentEventIds
-from streams.enrich import Lookups, enrich
+from streams.enrich import Lookups, Place, enrich
 
 
 @dataclass(frozen=True)
@@ -34,28 +41,13 @@ class Origin:
     timestamp_ms: int
 
 
-def validate_and_enrich(
-    raw: bytes | None,
+def _dead(
     origin: Origin,
-    lookups: Lookups,
-    recent: RecentEventIds | None = None,
+    reason: ReasonCode,
+    field: str | None = None,
+    event_type: object = None,
+    index: int | None = None,
 ) -> Outcome:
-    """Validate a raw event and enrich it; any refusal becomes a redacted dead letter."""
-    event = None
-    try:
-        event = decode_event(raw or b"", received_ms=origin.timestamp_ms)
-        if recent is not None and recent.seen_before(event.event_id):
-            raise InvalidEvent(ReasonCode.DUPLICATE, "event_id", event.event_type)
-        received_ms = event.collector_time_ms or origin.timestamp_ms
-        record = enrich(event, received_ms, lookups)
-    except InvalidEvent as err:
-        reason, field, event_type = err.reason, err.field, err.event_type
-    except Exception:  # a bug must cost one event, not the worker; the reason says so
-        reason, field = ReasonCode.PROCESSING_ERROR, None
-        event_type = event.event_type if event is not None else None
-    else:
-        key = (record["user_pseudonym"] or record["event_id"]).encode()
-        return Outcome("enriched", key, orjson.dumps(record))
     letter = dead_letter(
         reason,
         field=field,
@@ -64,5 +56,81 @@ def validate_and_enrich(
         offset=origin.offset,
         received_ms=origin.timestamp_ms,
         event_type=event_type,
+        index=index,
     )
     return Outcome("dead", None, letter, reason)
+
+
+def _judge(
+    item: Envelope | InvalidEvent,
+    origin: Origin,
+    lookups: Lookups,
+    recent: RecentEventIds | None,
+    index: int | None,
+) -> Outcome:
+    """The outcome of one decoded event, or the dead letter of its refusal."""
+    if isinstance(item, InvalidEvent):
+        return _dead(origin, item.reason, item.field, item.event_type, index)
+    try:
+        if recent is not None and recent.seen_before(item.event_id):
+            return _dead(origin, ReasonCode.DUPLICATE, "event_id", item.event_type, index)
+        received_ms = item.collector_time_ms or origin.timestamp_ms
+        record = enrich(item, received_ms, lookups)
+        key = (record["user_pseudonym"] or record["event_id"]).encode()
+        value = orjson.dumps(record)
+    except Exception:  # a bug must cost one event, not the worker; the reason says so
+        return _dead(origin, ReasonCode.PROCESSING_ERROR, None, item.event_type, index)
+    return Outcome("enriched", key, value)
+
+
+def validate_and_enrich(
+    raw: bytes | None,
+    origin: Origin,
+    lookups: Lookups,
+    recent: RecentEventIds | None = None,
+) -> Outcome:
+    """Validate one raw event and enrich it; any refusal becomes a redacted dead letter."""
+    try:
+        item: Envelope | InvalidEvent = decode_event(raw or b"", received_ms=origin.timestamp_ms)
+    except InvalidEvent as err:
+        item = err.with_traceback(None)
+    except Exception:  # decode_event raises nothing else; should a bug make it, one event
+        return _dead(origin, ReasonCode.PROCESSING_ERROR)
+    return _judge(item, origin, lookups, recent, None)
+
+
+def _locating_once_per_address(lookups: Lookups) -> Lookups:
+    """The lookups with the geo lookup made once per distinct IP: a batch's events share the
+    address stamped on its envelope."""
+    places: dict[str, Place] = {}
+
+    def locate(ip: str) -> Place:
+        place = places.get(ip)
+        if place is None:
+            place = places[ip] = lookups.locate(ip)
+        return place
+
+    return replace(lookups, locate=locate)
+
+
+def outcomes_of_message(
+    raw: bytes | None,
+    origin: Origin,
+    lookups: Lookups,
+    recent: RecentEventIds | None = None,
+) -> list[Outcome]:
+    """Every outgoing message of one raw message: one per event of a batch, in order (a dead
+    letter with the event's index for each refused one), one for a single event, and one
+    dead letter for a message refused as a whole."""
+    try:
+        decoded = decode_message(raw or b"", received_ms=origin.timestamp_ms)
+    except InvalidEvent as err:
+        return [_dead(origin, err.reason, err.field, err.event_type)]
+    except Exception:  # decode_message raises nothing else; should a bug make it, one letter
+        return [_dead(origin, ReasonCode.PROCESSING_ERROR)]
+    if not decoded.batched:
+        return [_judge(decoded.events[0], origin, lookups, recent, None)]
+    lookups = _locating_once_per_address(lookups)
+    return [
+        _judge(item, origin, lookups, recent, index) for index, item in enumerate(decoded.events)
+    ]
