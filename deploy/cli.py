@@ -1,8 +1,10 @@
 """The `tally` command."""
 
 import argparse
+import faulthandler
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -232,6 +234,8 @@ _OVERRIDES = ("workload_events", "workload_clients", "workload_duration_s", "wor
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # `kill -USR1 PID` prints every thread's stack to stderr: how to see where a stop hangs.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     args = _parser().parse_args(argv)
     if args.command == "worker":
         sys.argv = [sys.argv[0], "worker"]  # faust.Worker parses argv itself

@@ -32,6 +32,9 @@ from sinks.writer import ClickHouseWriter
 
 log = logging.getLogger(__name__)
 
+WORKER_STOP_TIMEOUT_S = 15.0
+"""A Faust worker stops in a few seconds; one stuck (stopping while it joins its group) is
+killed after this. Safe: what it took but did not commit is replayed, and stored once."""
 WORKLOAD_SPAN_MS = 6 * 3_600_000
 """The replayed events' client times spread over the six hours before the run."""
 
@@ -87,7 +90,7 @@ def stream_worker(settings: Settings, bootstrap: str) -> Iterator[subprocess.Pop
         yield worker
     finally:
         if worker is not None:
-            stop_child(worker)
+            stop_child(worker, timeout_s=WORKER_STOP_TIMEOUT_S)
 
 
 class StageFailed(RuntimeError):

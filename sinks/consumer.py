@@ -25,6 +25,8 @@ from sinks.writer import ClickHouseWriter, RecordOutOfContract, to_row
 
 log = logging.getLogger(__name__)
 
+_CLOSE_TIMEOUT_S = 5
+
 
 @dataclass(frozen=True)
 class SinkConfig:
@@ -139,8 +141,11 @@ class EnrichedSink:
         )
 
     def close(self) -> None:
-        self._consumer.close(autocommit=False)
-        self._producer.close()
+        """Leave the group and close, in bounded time: kafka-python's consumer would wait up
+        to its request timeout (305 s) for a coordinator that is still forming, and its
+        producer forever for a flush. What is not committed is replayed and deduplicated."""
+        self._consumer.close(autocommit=False, timeout_ms=_CLOSE_TIMEOUT_S * 1000)
+        self._producer.close(timeout=_CLOSE_TIMEOUT_S)
 
     def _dead_letter(self, message: Any, reason: ReasonCode, event_type: Any = None) -> None:
         letter = dead_letter(

@@ -61,3 +61,13 @@ def kill_leftovers(state_dir: Path) -> None:
     for pid, _ in _started_for(state_dir):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def as_from_a_terminal() -> None:
+    """For ``preexec_fn``: the child starts with SIGINT and SIGTERM at their default action,
+    as from a terminal. A shell's background job (CI's runner, ``nohup``, ``cmd &``) starts
+    with SIGINT ignored, and Python keeps it ignored until `tally` installs its handler, so
+    a Ctrl-C in that first second would be lost and the test would wait for a stop that
+    never comes."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -16,7 +16,7 @@ import pytest
 
 from deploy.run import WORKLOAD_SPAN_MS
 from producers.workload import generate_workload
-from tests.e2e.commands import processes_under, tally_environ
+from tests.e2e.commands import as_from_a_terminal, processes_under, tally_environ
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
@@ -112,7 +112,7 @@ def _start_run(state_dir: Path, seed: int = 42) -> subprocess.Popen[str]:
                "120", "--seed", str(seed)]  # fmt: skip
     return subprocess.Popen(
         command, env=tally_environ(state_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True,
+        text=True, preexec_fn=as_from_a_terminal,
     )  # fmt: skip
 
 
@@ -134,8 +134,12 @@ def _stop_and_check(run: subprocess.Popen[str], state_dir: Path, signum: int) ->
     try:
         rest = run.communicate(timeout=STOP_DEADLINE_S)[0]
     except subprocess.TimeoutExpired as timeout:
-        run.kill()
-        rest = run.communicate()[0]
+        run.send_signal(signal.SIGUSR1)  # every thread's stack, to see where it hangs
+        try:
+            rest = run.communicate(timeout=5)[0]
+        except subprocess.TimeoutExpired:
+            run.kill()
+            rest = run.communicate()[0]
         message = f"tally run did not stop within {STOP_DEADLINE_S} s:\n{rest}"
         raise AssertionError(message) from timeout
     left = processes_under(state_dir)

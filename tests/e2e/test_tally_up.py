@@ -21,7 +21,7 @@ from producers.workload import generate_workload
 from schemas.enriched import table_name
 from schemas.events import EVENT_TYPES
 from sinks.backends import ClickHouseError
-from tests.e2e.commands import processes_under, tally_environ
+from tests.e2e.commands import as_from_a_terminal, processes_under, tally_environ
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
@@ -40,6 +40,7 @@ def start_up(state_dir: Path) -> tuple[subprocess.Popen[bytes], Path]:
         up = subprocess.Popen(
             [sys.executable, "-m", "deploy.cli", "up"],
             env=up_environ(state_dir), stdout=out, stderr=subprocess.STDOUT,
+            preexec_fn=as_from_a_terminal,
         )  # fmt: skip
     return up, output
 
