@@ -70,6 +70,12 @@ def _sink(settings: Settings, args: argparse.Namespace) -> int:
     return run_sink_service(settings)
 
 
+def _collector(settings: Settings, args: argparse.Namespace) -> int:
+    from deploy.collector_service import run_collector_service
+
+    return run_collector_service(settings)
+
+
 def _up(settings: Settings, args: argparse.Namespace) -> int:
     from deploy.up import run_up
 
@@ -191,6 +197,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("sink", help="the ClickHouse sink, until stopped").set_defaults(handler=_sink)
     sub.add_parser(
+        "collector", help="the HTTP collector: events over HTTP into the raw topic, until stopped"
+    ).set_defaults(handler=_collector)
+    sub.add_parser(
         "up", help="broker, migrations, sink and worker on this machine, supervised, until stopped"
     ).set_defaults(handler=_up)
     status = sub.add_parser("status", help="what runs, consumer lag, rows, recent dead letters")
@@ -227,8 +236,9 @@ def configure_logging(level: str) -> None:
 
 
 # Long-running services stop on a signal by finishing their work in hand, not by an
-# exception: Faust handles the worker's signals, deploy/sink_service.py the sink's.
-_SERVICES = frozenset({"worker", "sink"})
+# exception: Faust handles the worker's signals, deploy/sink_service.py the sink's and
+# deploy/collector_service.py the collector's.
+_SERVICES = frozenset({"worker", "sink", "collector"})
 
 _OVERRIDES = ("workload_events", "workload_clients", "workload_duration_s", "workload_seed")
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from producers.collector.edge import IpNetwork, parse_trusted_proxies
 from streams.pseudonymize import HmacKey
 
 
@@ -77,6 +78,20 @@ class Settings:
     """Alternatively the active key itself, ``key_id:hex_secret``."""
     geoip_database: Path | None = None
     """A GeoLite2/GeoIP2 City file; unset: the DB-IP City Lite file from PyPI."""
+    collector_host: str = "127.0.0.1"
+    """Where `tally collector` listens; loopback unless a reverse proxy or the open network
+    is meant to reach it."""
+    collector_port: int = 8750
+    collector_max_body_bytes: int = 1024 * 1024
+    """Largest request body, as sent and after gzip decoding (413 above): 1 MiB holds 500
+    typical events uncompressed."""
+    collector_max_events: int = 500
+    """Most events in one request (413 above); more than a batch holds are split."""
+    collector_trusted_proxies: str = ""
+    """Comma-separated addresses or CIDR networks whose X-Forwarded-For is believed; from
+    any other peer the socket's address is the client's."""
+    collector_produce_timeout_s: float = 10.0
+    """How long a request waits for Kafka's acknowledgement before a 503."""
     stream_batch_size: int = 1000
     sink_batch_size: int = 5000
     sink_batch_interval_s: float = 1.0
@@ -87,16 +102,25 @@ class Settings:
     workload_seed: int = 42
 
     def __post_init__(self) -> None:
-        for name in ("kafka_port", "kafka_controller_port", "clickhouse_port"):
+        for name in ("kafka_port", "kafka_controller_port", "clickhouse_port", "collector_port"):
             if not 0 < getattr(self, name) < 65536:
                 raise SettingsError(f"TALLY_{name.upper()}: not a TCP port")
         for name in ("raw_partitions", "stream_batch_size", "sink_batch_size",
-                     "workload_events", "workload_clients"):  # fmt: skip
+                     "workload_events", "workload_clients", "collector_max_events"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise SettingsError(f"TALLY_{name.upper()}: must be at least 1")
-        for name in ("raw_retention_hours", "sink_batch_interval_s", "session_timeout_s"):
+        for name in ("raw_retention_hours", "sink_batch_interval_s", "session_timeout_s",
+                     "collector_produce_timeout_s"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise SettingsError(f"TALLY_{name.upper()}: must be positive")
+        if self.collector_max_body_bytes < 1024:
+            raise SettingsError("TALLY_COLLECTOR_MAX_BODY_BYTES: must be at least 1024")
+        if not self.collector_host.strip():
+            raise SettingsError("TALLY_COLLECTOR_HOST: must name an address to listen on")
+        try:
+            self.collector_trusted_networks  # noqa: B018 (parsed here to fail at load)
+        except ValueError as err:
+            raise SettingsError(f"TALLY_COLLECTOR_TRUSTED_PROXIES: {err}") from None
         if self.workload_duration_s < 0:
             raise SettingsError("TALLY_WORKLOAD_DURATION_S: must not be negative")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -110,6 +134,11 @@ class Settings:
     def kafka_compression_type(self) -> str | None:
         """``kafka_compression`` as Kafka clients' ``compression_type`` takes it."""
         return None if self.kafka_compression == "none" else self.kafka_compression
+
+    @property
+    def collector_trusted_networks(self) -> tuple[IpNetwork, ...]:
+        """``collector_trusted_proxies`` parsed; ValueError naming the bad item's position."""
+        return parse_trusted_proxies(self.collector_trusted_proxies)
 
     @property
     def geoip_path(self) -> Path:

@@ -6,6 +6,8 @@ import orjson
 
 from deploy.kafka import TopicSpec
 from deploy.settings import Settings
+from producers.collector.app import CollectorConfig
+from producers.collector.kafka import KafkaBatchProducer
 from schemas import topics
 from schemas.topics import TopicNames
 from sinks.backends import ClickHouseBackend, EmbeddedClickHouse, ServerClickHouse
@@ -108,4 +110,24 @@ def sink_config(settings: Settings, bootstrap: str) -> SinkConfig:
         batch_size=settings.sink_batch_size,
         batch_interval_s=settings.sink_batch_interval_s,
         compression_type=settings.kafka_compression_type,
+    )
+
+
+def collector_config(settings: Settings) -> CollectorConfig:
+    return CollectorConfig(
+        host=settings.collector_host,
+        port=settings.collector_port,
+        max_body_bytes=settings.collector_max_body_bytes,
+        max_events=settings.collector_max_events,
+        trusted_proxies=settings.collector_trusted_networks,
+    )
+
+
+def collector_producer(settings: Settings, bootstrap: str) -> KafkaBatchProducer:
+    """The collector's producer onto the raw topic, with the configured codec."""
+    return KafkaBatchProducer(
+        bootstrap,
+        topic_names(settings).raw,
+        compression_type=settings.kafka_compression_type,
+        timeout_s=settings.collector_produce_timeout_s,
     )

@@ -165,3 +165,53 @@ def test_open_backend_uses_the_password_file(tmp_path, monkeypatch):
     )
     deploy.wiring.open_backend(settings)
     assert opened["password"] == "hunter2-from-file"
+
+
+def test_collector_defaults_reach_its_config():
+    """Unset, the collector listens on 127.0.0.1:8750 with 1 MiB, 500 events and no trusted
+    proxy; set, the values reach its config, the proxies parsed."""
+    from deploy.wiring import collector_config
+
+    default = collector_config(load_settings({}))
+    assert (default.host, default.port) == ("127.0.0.1", 8750)
+    assert (default.max_body_bytes, default.max_events, default.trusted_proxies) == (
+        1024 * 1024, 500, ()
+    )  # fmt: skip
+    settings = load_settings(
+        {
+            "TALLY_COLLECTOR_HOST": "0.0.0.0",
+            "TALLY_COLLECTOR_PORT": "9750",
+            "TALLY_COLLECTOR_MAX_EVENTS": "2000",
+            "TALLY_COLLECTOR_TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.7,::1",
+        }
+    )
+    config = collector_config(settings)
+    assert (config.host, config.port, config.max_events) == ("0.0.0.0", 9750, 2000)
+    assert [str(n) for n in config.trusted_proxies] == ["10.0.0.0/8", "192.0.2.7/32", "::1/128"]
+    assert load_settings(settings_environ(settings)) == settings
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"TALLY_COLLECTOR_PORT": "0"}, "TALLY_COLLECTOR_PORT: not a TCP port"),
+        ({"TALLY_COLLECTOR_PORT": "http"}, "TALLY_COLLECTOR_PORT: not a valid integer"),
+        ({"TALLY_COLLECTOR_MAX_EVENTS": "0"}, "TALLY_COLLECTOR_MAX_EVENTS: must be at least 1"),
+        ({"TALLY_COLLECTOR_MAX_BODY_BYTES": "10"}, "TALLY_COLLECTOR_MAX_BODY_BYTES: must be"),
+        ({"TALLY_COLLECTOR_HOST": " "}, "TALLY_COLLECTOR_HOST: must name an address"),
+        (
+            {"TALLY_COLLECTOR_TRUSTED_PROXIES": "10.0.0.0/8,proxy one"},
+            "TALLY_COLLECTOR_TRUSTED_PROXIES: item 2 is not an IP address or network",
+        ),
+        (
+            {"TALLY_COLLECTOR_PRODUCE_TIMEOUT_S": "0"},
+            "TALLY_COLLECTOR_PRODUCE_TIMEOUT_S: must be positive",
+        ),
+    ],
+)
+def test_bad_collector_settings_fail_in_one_line(environ, message):
+    """Each bad collector setting fails at load in one line naming its variable."""
+    with pytest.raises(SettingsError) as caught:
+        load_settings(environ)
+    assert str(caught.value).startswith(message)
+    assert "\n" not in str(caught.value)
