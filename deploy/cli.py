@@ -76,6 +76,53 @@ def _collector(settings: Settings, args: argparse.Namespace) -> int:
     return run_collector_service(settings)
 
 
+def _apps(settings: Settings, args: argparse.Namespace) -> int:
+    import orjson
+
+    from producers.collector.apps import (
+        AppsError,
+        list_apps,
+        normalize_origin,
+        register_app,
+        revoke_app,
+    )
+
+    path = settings.collector_apps_path
+    try:
+        if args.action == "add":
+            keys = register_app(path, args.name, args.origins)
+            if args.json:
+                print(orjson.dumps({"app_id": keys.app_id, "write_key": keys.write_key,
+                                    "secret_key": keys.secret_key}).decode())  # fmt: skip
+                return 0
+            origins = ", ".join(dict.fromkeys(normalize_origin(o) for o in args.origins))
+            origins = origins or "none (only clients that send no Origin)"
+            print(f"registered app {keys.app_id} (origins: {origins}) in {path}")
+            print("Its keys are shown this once; only their hashes are kept.")
+            print(f"  write key (public: goes in the web page):  {keys.write_key}")
+            print(f"  secret key (server-side senders only):     {keys.secret_key}")
+        elif args.action == "list":
+            apps = list_apps(path)
+            if not apps:
+                print(f"no apps in {path}")
+                return 0
+            table = [("APP", "CREATED", "REVOKED", "ORIGINS")] + [
+                (a.app_id, a.created, a.revoked or "-", ", ".join(a.origins) or "-") for a in apps
+            ]
+            widths = [max(len(row[i]) for row in table) for i in range(3)]
+            for row in table:
+                print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  "
+                      + row[3])  # fmt: skip
+        elif revoke_app(path, args.name):
+            print(f"revoked app {args.name}: its keys get 401 within a second")
+        else:
+            print(f"app {args.name} was already revoked")
+    except AppsError as err:
+        print(f"tally: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _up(settings: Settings, args: argparse.Namespace) -> int:
     from deploy.up import run_up
 
@@ -199,6 +246,23 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "collector", help="the HTTP collector: events over HTTP into the raw topic, until stopped"
     ).set_defaults(handler=_collector)
+    apps = sub.add_parser("apps", help="the apps that may send to the collector, and their keys")
+    apps_sub = apps.add_subparsers(dest="action", required=True)
+    add = apps_sub.add_parser("add", help="register an app and print its keys, once")
+    add.add_argument("name", help="the app_id its events carry")
+    add.add_argument(
+        "--origin",
+        action="append",
+        default=[],
+        dest="origins",
+        metavar="ORIGIN",
+        help="a web origin (https://host[:port]) its browser clients send from; repeatable",
+    )
+    add.add_argument("--json", action="store_true", help="the keys as one JSON object")
+    apps_sub.add_parser("list", help="names, origins, created, revoked (never keys)")
+    revoke = apps_sub.add_parser("revoke", help="revoke an app's keys")
+    revoke.add_argument("name")
+    apps.set_defaults(handler=_apps)
     sub.add_parser(
         "up", help="broker, migrations, sink and worker on this machine, supervised, until stopped"
     ).set_defaults(handler=_up)

@@ -3,6 +3,9 @@
 It listens until SIGINT or SIGTERM, then stops taking connections, lets the requests in hand
 finish (their events acknowledged by Kafka or answered 503), closes the producer and exits
 0. aiohttp's access log is off: it would write every client's IP address to the journal.
+
+It always asks for keys: the apps registry (`tally apps`) is read at start, and again when
+the file changes, so an app added or revoked counts without a restart.
 """
 
 import asyncio
@@ -12,7 +15,7 @@ import signal
 from aiohttp import web
 
 from deploy.settings import Settings, SettingsError
-from deploy.wiring import collector_config, collector_producer, topic_names
+from deploy.wiring import collector_apps, collector_config, collector_producer, topic_names
 from producers.collector.app import create_app
 
 log = logging.getLogger(__name__)
@@ -24,11 +27,12 @@ _SHUTDOWN_TIMEOUT_S = 30.0
 async def serve_collector(settings: Settings, bootstrap: str) -> int:
     """Serve until SIGINT or SIGTERM; 1 when the address cannot be bound."""
     config = collector_config(settings)
+    apps = collector_apps(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, _request_stop, stop, signum)
-    app = create_app(config, collector_producer(settings, bootstrap))
+    app = create_app(config, collector_producer(settings, bootstrap), apps=apps)
     runner = web.AppRunner(
         app, handle_signals=False, access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT_S
     )
@@ -42,11 +46,15 @@ async def serve_collector(settings: Settings, bootstrap: str) -> int:
             )
             return 1
         log.info(
-            "collector ready: http://%s:%d/v1/events into %s",
+            "collector ready: http://%s:%d/v1/events into %s, %d apps in %s",
             config.host,
             config.port,
             topic_names(settings).raw,
+            apps.active_apps,
+            apps.path,
         )
+        if not apps.active_apps:
+            log.warning("no app is registered: every request is refused until `tally apps add`")
         await stop.wait()
     finally:
         await runner.cleanup()

@@ -2,8 +2,9 @@
 # Debian packages Tally needs beside Python: Java 17+ and Maven (Kafka's broker jars come from
 # Maven Central), and with --tests what only the tests use: clickhouse-server, the server
 # backend every sink test runs on (`tally run` uses embedded ClickHouse and needs no server),
-# and kcat, a Kafka client on librdkafka that produces compressed batches as non-Python
-# clients do.
+# kcat, a Kafka client on librdkafka that produces compressed batches as non-Python
+# clients do; chromium, the browser the browser SDK tests drive through Playwright (a WebRTC
+# call on fake media); and wrk, the HTTP load generator of the collector's benchmark.
 # Installs only what is missing; needs root or sudo for that.
 set -euo pipefail
 
@@ -13,6 +14,8 @@ command -v mvn >/dev/null || missing+=(maven)
 if [ "${1:-}" = "--tests" ]; then
   [ -x /usr/sbin/clickhouse-server ] || [ -x /usr/bin/clickhouse-server ] || missing+=(clickhouse-server)
   command -v kcat >/dev/null || missing+=(kcat)
+  [ -x /usr/bin/chromium ] || missing+=(chromium)
+  command -v wrk >/dev/null || missing+=(wrk)
 elif [ -n "${1:-}" ]; then
   echo "usage: $0 [--tests]" >&2
   exit 2

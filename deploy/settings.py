@@ -92,6 +92,21 @@ class Settings:
     any other peer the socket's address is the client's."""
     collector_produce_timeout_s: float = 10.0
     """How long a request waits for Kafka's acknowledgement before a 503."""
+    collector_apps_file: Path | None = None
+    """The apps registry (`tally apps`): names, origins and key hashes, mode 0600; unset:
+    ``state_dir/apps.json``. The collector re-reads it within a second of a change."""
+    collector_rate_per_key: float = 1000.0
+    """Requests per second of one app's public write key, all its browsers together (429
+    with Retry-After above, once the burst is spent)."""
+    collector_rate_burst: int = 2000
+    """Requests a write key may make at once after a quiet spell."""
+    collector_secret_rate_per_key: float = 10000.0
+    """Requests per second of one app's secret key (server-side senders)."""
+    collector_secret_rate_burst: int = 20000
+    collector_max_pending_events: int = 50_000
+    """Most events the collector holds in memory waiting for Kafka's acknowledgement, all
+    requests together (a few KiB each, parsed): a request that would pass it gets 503
+    ``overloaded`` with Retry-After. At least ``collector_max_events``."""
     stream_batch_size: int = 1000
     sink_batch_size: int = 5000
     sink_batch_interval_s: float = 1.0
@@ -106,15 +121,23 @@ class Settings:
             if not 0 < getattr(self, name) < 65536:
                 raise SettingsError(f"TALLY_{name.upper()}: not a TCP port")
         for name in ("raw_partitions", "stream_batch_size", "sink_batch_size",
-                     "workload_events", "workload_clients", "collector_max_events"):  # fmt: skip
+                     "workload_events", "workload_clients", "collector_max_events",
+                     "collector_rate_burst", "collector_secret_rate_burst",
+                     "collector_max_pending_events"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise SettingsError(f"TALLY_{name.upper()}: must be at least 1")
         for name in ("raw_retention_hours", "sink_batch_interval_s", "session_timeout_s",
-                     "collector_produce_timeout_s"):  # fmt: skip
-            if getattr(self, name) <= 0:
+                     "collector_produce_timeout_s", "collector_rate_per_key",
+                     "collector_secret_rate_per_key"):  # fmt: skip
+            if not getattr(self, name) > 0:  # NaN too
                 raise SettingsError(f"TALLY_{name.upper()}: must be positive")
         if self.collector_max_body_bytes < 1024:
             raise SettingsError("TALLY_COLLECTOR_MAX_BODY_BYTES: must be at least 1024")
+        if self.collector_max_pending_events < self.collector_max_events:
+            raise SettingsError(
+                "TALLY_COLLECTOR_MAX_PENDING_EVENTS: must be at least TALLY_COLLECTOR_MAX_EVENTS"
+                f" ({self.collector_max_events}), or a full request could never pass"
+            )
         if not self.collector_host.strip():
             raise SettingsError("TALLY_COLLECTOR_HOST: must name an address to listen on")
         try:
@@ -139,6 +162,11 @@ class Settings:
     def collector_trusted_networks(self) -> tuple[IpNetwork, ...]:
         """``collector_trusted_proxies`` parsed; ValueError naming the bad item's position."""
         return parse_trusted_proxies(self.collector_trusted_proxies)
+
+    @property
+    def collector_apps_path(self) -> Path:
+        """The apps registry file: ``collector_apps_file``, else under ``state_dir``."""
+        return self.collector_apps_file or self.state_dir / "apps.json"
 
     @property
     def geoip_path(self) -> Path:

@@ -2,7 +2,8 @@
 
 The Kafka broker (unless ``TALLY_KAFKA_BOOTSTRAP`` names a cluster), the migrations, then the
 sink and the stream worker as supervised child processes (deploy/services/supervisor.py).
-SIGINT or SIGTERM stops them in order: the worker first (it finishes and commits what it
+SIGINT or SIGTERM stops them in order: the collector first (it answers the requests in
+hand), then the worker (it finishes and commits what it
 took), then the sink (it writes and commits its batch), then the broker. On embedded
 ClickHouse the sink process owns the data folder and answers `tally status` and
 `tally report` (sinks/query_service.py).
@@ -45,7 +46,7 @@ def service_specs(settings: Settings, bootstrap: str) -> list[ChildSpec]:
     logs = settings.state_dir / "logs"
     return [
         ChildSpec(name, [sys.executable, "-m", "deploy.cli", name], logs / f"{name}.log", env)
-        for name in ("sink", "worker")
+        for name in ("sink", "worker", "collector")
     ]
 
 

@@ -5,9 +5,11 @@ from pathlib import Path
 import orjson
 
 from deploy.kafka import TopicSpec
-from deploy.settings import Settings
+from deploy.settings import Settings, SettingsError
 from producers.collector.app import CollectorConfig
+from producers.collector.apps import AppRegistry, AppsError
 from producers.collector.kafka import KafkaBatchProducer
+from producers.collector.limits import RateLimit
 from schemas import topics
 from schemas.topics import TopicNames
 from sinks.backends import ClickHouseBackend, EmbeddedClickHouse, ServerClickHouse
@@ -120,7 +122,21 @@ def collector_config(settings: Settings) -> CollectorConfig:
         max_body_bytes=settings.collector_max_body_bytes,
         max_events=settings.collector_max_events,
         trusted_proxies=settings.collector_trusted_networks,
+        write_key_rate=RateLimit(settings.collector_rate_per_key, settings.collector_rate_burst),
+        secret_key_rate=RateLimit(
+            settings.collector_secret_rate_per_key, settings.collector_secret_rate_burst
+        ),
+        max_pending_events=settings.collector_max_pending_events,
     )
+
+
+def collector_apps(settings: Settings) -> AppRegistry:
+    """The apps registry as the running collector reads it (re-read when it changes);
+    SettingsError naming the file when it is not a registry."""
+    try:
+        return AppRegistry(settings.collector_apps_path)
+    except AppsError as err:
+        raise SettingsError(f"TALLY_COLLECTOR_APPS_FILE: {err}") from None
 
 
 def collector_producer(settings: Settings, bootstrap: str) -> KafkaBatchProducer:

@@ -20,6 +20,7 @@ class ReasonCode(StrEnum):
     DUPLICATE = "duplicate"
     CONSENT_WITHDRAWN = "consent_withdrawn"
     PROCESSING_ERROR = "processing_error"
+    APP_MISMATCH = "app_mismatch"
 
 
 REASON_DESCRIPTIONS: dict[ReasonCode, str] = {
@@ -44,4 +45,8 @@ REASON_DESCRIPTIONS: dict[ReasonCode, str] = {
     ReasonCode.DUPLICATE: "an event id already seen within the deduplication window",
     ReasonCode.CONSENT_WITHDRAWN: "the user's consent level does not allow this event",
     ReasonCode.PROCESSING_ERROR: "a bug in a stage; the event is kept out, the worker goes on",
+    ReasonCode.APP_MISMATCH: (
+        "the event's app_id is not the app of the request (of its key, or of the request's "
+        "first event)"
+    ),
 }

@@ -22,6 +22,9 @@ MAX_DELAY_MS: Final = 7 * 24 * 3_600_000
 _TEXT_EXEMPT: Final = frozenset({"user_agent"})
 """Fields whose values legitimately have many words; parsed and discarded at the stream step."""
 _MAX_WORDS: Final = 3
+_MIN_TEXT_CHARS: Final = 2 * _MAX_WORDS + 1
+"""The shortest string with more than ``_MAX_WORDS`` words ("a b c d")."""
+_SCALARS: Final = frozenset({int, float, bool, type(None)})
 
 
 class InvalidEvent(ValueError):
@@ -64,12 +67,22 @@ def nested_forbidden_content(value: Any) -> bool:
 
 
 def _first_forbidden_content(obj: dict[str, Any]) -> str | None:
-    """The first key that is outside the allowlist or holds text; '' when the key itself is."""
+    """The first key that is outside the allowlist or holds text; '' when the key itself is.
+
+    Runs on every event at the collector and the stream step, so the common case (known
+    keys, numbers, short strings) costs a set test and a type test a field."""
     for key, value in obj.items():
         if key not in ALL_FIELD_NAMES:
             return ""
-        if type(value) is str:
-            if key not in _TEXT_EXEMPT and looks_like_text(value):
+        kind = type(value)
+        if kind in _SCALARS:
+            continue
+        if kind is str:
+            if (
+                len(value) >= _MIN_TEXT_CHARS
+                and key not in _TEXT_EXEMPT
+                and len(value.split(None, _MAX_WORDS)) > _MAX_WORDS
+            ):
                 return key
         elif isinstance(value, dict | list) and nested_forbidden_content(value):
             return key
@@ -99,24 +112,56 @@ def parse_json(raw: bytes) -> Any:
 
 def validate_event_object(obj: Any, *, received_ms: int | None) -> Envelope:
     """Validate an already parsed event: every check of ``decode_event`` after size and
-    JSON syntax, in the same order (a batch's events are parsed with their batch)."""
+    JSON syntax, in the same order (a batch's events are parsed with their batch).
+
+    The declared model is tried first: an event it accepts holds no content (no declared
+    field takes text or a nested value; tests/unit/test_validation.py holds every model to
+    that), so the content scan, the costliest check after the model, runs only on events
+    that are refused anyway, to name the first reason in the order above.
+    """
     if not isinstance(obj, dict):
         raise InvalidEvent(ReasonCode.MALFORMED_JSON)
     event_type = obj.get("event_type")
+    version = obj.get("schema_version")
+    model = (
+        EVENT_MODELS.get((event_type, version))
+        if type(event_type) is str and type(version) is int
+        else None
+    )
+    event: Envelope | None = None
+    if model is not None:
+        try:
+            event = model.model_validate(obj)
+        except ValidationError:
+            event = None  # judged below, where the reason is chosen
+    if event is None:
+        raise _refusal(obj)
+    received_ms = event.collector_time_ms or received_ms
+    if received_ms is not None:
+        ahead = event.client_time_ms - received_ms
+        if ahead > MAX_FUTURE_SKEW_MS or -ahead > MAX_DELAY_MS:
+            raise InvalidEvent(ReasonCode.CLOCK_SKEW, "client_time_ms", event_type)
+    return event
+
+
+def _refusal(obj: dict[str, Any]) -> InvalidEvent:
+    """Why ``obj`` is refused, the first reason in the order: content, event type, version,
+    fields."""
+    event_type = obj.get("event_type")
     forbidden = _first_forbidden_content(obj)
     if forbidden is not None:
-        raise InvalidEvent(ReasonCode.CONTENT_FORBIDDEN, forbidden or None, event_type)
+        return InvalidEvent(ReasonCode.CONTENT_FORBIDDEN, forbidden or None, event_type)
     if not isinstance(event_type, str) or event_type not in EVENT_TYPES:
-        raise InvalidEvent(ReasonCode.UNKNOWN_EVENT_TYPE, "event_type")
+        return InvalidEvent(ReasonCode.UNKNOWN_EVENT_TYPE, "event_type")
     version = obj.get("schema_version")
     if type(version) is not int:
-        raise InvalidEvent(ReasonCode.INVALID_FIELD, "schema_version", event_type)
+        return InvalidEvent(ReasonCode.INVALID_FIELD, "schema_version", event_type)
     model = EVENT_MODELS.get((event_type, version))
     if model is None:
-        raise InvalidEvent(ReasonCode.UNSUPPORTED_VERSION, "schema_version", event_type)
+        return InvalidEvent(ReasonCode.UNSUPPORTED_VERSION, "schema_version", event_type)
     refusal: InvalidEvent | None = None
     try:
-        event = model.model_validate(obj)
+        model.model_validate(obj)
     except ValidationError as err:
         errors = err.errors(include_url=False, include_input=False, include_context=False)
         if any(e["type"] == "extra_forbidden" for e in errors):
@@ -125,14 +170,9 @@ def validate_event_object(obj: Any, *, received_ms: int | None) -> Envelope:
             loc = errors[0]["loc"] if errors else ()
             field = str(loc[0]) if loc else None
             refusal = InvalidEvent(ReasonCode.INVALID_FIELD, field, event_type)
-    if refusal is not None:
-        raise refusal  # outside the handler: pydantic's error, which quotes input, is gone
-    received_ms = event.collector_time_ms or received_ms
-    if received_ms is not None:
-        ahead = event.client_time_ms - received_ms
-        if ahead > MAX_FUTURE_SKEW_MS or -ahead > MAX_DELAY_MS:
-            raise InvalidEvent(ReasonCode.CLOCK_SKEW, "client_time_ms", event_type)
-    return event
+    if refusal is None:  # the model accepts it now: it cannot be refused by it
+        refusal = InvalidEvent(ReasonCode.PROCESSING_ERROR)
+    return refusal  # built outside the handler: pydantic's error, which quotes input, is gone
 
 
 def encode_event(event: Envelope) -> bytes:

@@ -13,12 +13,18 @@ import ipaddress
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Final
 
 import orjson
 
-from schemas.batch import MAX_BATCH_BYTES, MAX_BATCH_EVENTS, STAMPED_FIELDS, encode_batch
-from schemas.events import MAX_EVENT_BYTES, Envelope
+from schemas.batch import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_EVENTS,
+    STAMPED_FIELDS,
+    encode_batch_objects,
+)
+from schemas.events import ALL_FIELD_NAMES, MAX_EVENT_BYTES, Envelope
 from schemas.reasons import ReasonCode
 from schemas.validation import InvalidEvent, parse_json, validate_event_object
 
@@ -29,11 +35,35 @@ _ENVELOPE_ROOM: Final = 1024
 under MAX_BATCH_BYTES minus this always encodes under MAX_BATCH_BYTES."""
 
 
+class RequestRefusal(StrEnum):
+    """Why a whole request was refused (``{"error": code}``): a closed list, as the metrics'
+    ``reason`` label. Refusals of single events use ``schemas.reasons.ReasonCode``."""
+
+    UNKNOWN_KEY = "unknown_key"
+    """401: no key, or a key that is unknown or revoked."""
+    SECRET_KEY_IN_URL = "secret_key_in_url"
+    """401: a secret key in the query string, where proxies log it."""
+    ORIGIN_FORBIDDEN = "origin_forbidden"
+    """403: a write key from an Origin its app did not register (or a preflight from one)."""
+    RATE_LIMITED = "rate_limited"
+    """429: the key's requests per second are spent."""
+    OVERLOADED = "overloaded"
+    """503: too many events already wait for Kafka's acknowledgement."""
+    TOO_LARGE = ReasonCode.TOO_LARGE.value
+    """413: the body (as sent or decoded), or the events in it, over the bound."""
+    MALFORMED_JSON = ReasonCode.MALFORMED_JSON.value
+    """400: not a JSON array, or not gzip when it says so."""
+    UNSUPPORTED_ENCODING = "unsupported_encoding"
+    """415: a Content-Encoding other than gzip or identity."""
+    KAFKA_UNAVAILABLE = "kafka_unavailable"
+    """503: Kafka did not acknowledge in time; nothing of the request was accepted."""
+
+
 class RequestRefused(Exception):
     """The whole request is refused: ``status`` is the HTTP status, ``reason`` the code. The
     message is the reason code alone, never a byte of the body."""
 
-    def __init__(self, status: int, reason: ReasonCode | str) -> None:
+    def __init__(self, status: int, reason: RequestRefusal | ReasonCode) -> None:
         super().__init__(str(reason))
         self.status = status
         self.reason = str(reason)
@@ -58,6 +88,20 @@ class Judged:
     """The app of the batch: the request's app if known, else the first accepted event's."""
     collector_time_ms: int
     ip: str | None
+    wire: tuple[Wire, ...] = ()
+    """Each accepted event as it goes into its batch, in the order of ``accepted``."""
+
+
+@dataclass(frozen=True)
+class Wire:
+    """An accepted event's JSON object as its batch carries it (the stamps left to the
+    envelope, nulls left out) and an upper bound of its encoded size. Taken from the
+    validated input rather than re-dumped from the model: the models are strict, so the
+    values are the ones validated, and a model dump per event is the collector's largest
+    cost after validation itself."""
+
+    obj: dict[str, Any]
+    size: int
 
 
 def read_body(raw: bytes, content_encoding: str | None, *, max_bytes: int) -> list[Any]:
@@ -82,7 +126,7 @@ def is_gzip(content_encoding: str | None) -> bool:
     """Whether a body is gzip (else identity); 415 for any other Content-Encoding."""
     encoding = (content_encoding or "identity").strip().lower()
     if encoding not in ("gzip", "identity"):
-        raise RequestRefused(415, "unsupported_encoding")
+        raise RequestRefused(415, RequestRefusal.UNSUPPORTED_ENCODING)
     return encoding == "gzip"
 
 
@@ -160,22 +204,23 @@ def judge_events(
     """Each item stamped with the collector's time and IP (a client's own claims removed),
     then validated exactly as the stream step will, in request order.
 
-    ``app_id`` is the app the request was authorized for, when known; otherwise the first
-    accepted event's app is the request's. An event of another app is refused alone
-    (``invalid_field``, ``app_id``). More than ``max_events`` items: 413 ``too_large``.
+    ``app_id`` is the app the request was authorized for (its key's), when known; otherwise
+    the first accepted event's app is the request's. An event of another app is refused
+    alone (``app_mismatch``, ``app_id``). More than ``max_events`` items: 413 ``too_large``.
     """
     if len(items) > max_events:
         raise RequestRefused(413, ReasonCode.TOO_LARGE)
     accepted: list[Envelope] = []
+    wire: list[Wire] = []
     refused: list[Refusal] = []
-    stamps = {"collector_time_ms": collector_time_ms, "ip": ip}
+    stamps = {"collector_time_ms": collector_time_ms} | ({"ip": ip} if ip is not None else {})
     for index, item in enumerate(items):
         try:
-            event = _judge_one(item, stamps)
+            event, bare, size = _judge_one(item, stamps)
             if app_id is None:
                 app_id = event.app_id
             if event.app_id != app_id:
-                raise InvalidEvent(ReasonCode.INVALID_FIELD, "app_id", event.event_type)
+                raise InvalidEvent(ReasonCode.APP_MISMATCH, "app_id", event.event_type)
         except InvalidEvent as err:
             refused.append(Refusal(index, err.reason, err.field))
             continue
@@ -183,18 +228,25 @@ def judge_events(
             refused.append(Refusal(index, ReasonCode.PROCESSING_ERROR))
             continue
         accepted.append(event)
-    return Judged(tuple(accepted), tuple(refused), app_id, collector_time_ms, ip)
+        wire.append(Wire(bare, size))
+    return Judged(tuple(accepted), tuple(refused), app_id, collector_time_ms, ip, tuple(wire))
 
 
-def _judge_one(item: Any, stamps: dict[str, Any]) -> Envelope:
-    """One event: object, size, then stamped and validated (clock against the stamp)."""
+def _judge_one(item: Any, stamps: dict[str, Any]) -> tuple[Envelope, dict[str, Any], int]:
+    """One event, its JSON object without the stamps and nulls, and its encoded size:
+    object, size, then stamped and validated (clock against the stamp). A null is as good
+    as an absent field to the models (every nullable field defaults to null)."""
     if not isinstance(item, dict):
         raise InvalidEvent(ReasonCode.MALFORMED_JSON)
-    if _encoded_size(item) > MAX_EVENT_BYTES:
+    size = _encoded_size(item)
+    if size > MAX_EVENT_BYTES:
         raise InvalidEvent(ReasonCode.TOO_LARGE)
-    stamped = {k: v for k, v in item.items() if k not in STAMPED_FIELDS}
-    stamped.update({k: v for k, v in stamps.items() if v is not None})
-    return validate_event_object(stamped, received_ms=None)
+    bare = {
+        k: v
+        for k, v in item.items()
+        if k not in STAMPED_FIELDS and (v is not None or k not in ALL_FIELD_NAMES)
+    }  # an unknown key is kept, even with null, to be refused
+    return validate_event_object({**bare, **stamps}, received_ms=None), bare, size
 
 
 def _encoded_size(obj: dict[str, Any]) -> int:
@@ -228,20 +280,25 @@ def encode_batches(judged: Judged, *, batch_id: str) -> list[bytes]:
     and MAX_BATCH_BYTES; the first batch has ``batch_id``, later ones derived ids."""
     if not judged.accepted or judged.app_id is None:
         return []
-    chunks: list[list[Envelope]] = [[]]
+    wire = judged.wire or tuple(
+        Wire(obj, len(orjson.dumps(obj)))
+        for obj in (
+            e.model_dump(exclude_none=True, exclude=set(STAMPED_FIELDS)) for e in judged.accepted
+        )
+    )
+    chunks: list[list[dict[str, Any]]] = [[]]
     size = 0
-    for event in judged.accepted:
-        event_size = len(orjson.dumps(event.model_dump(exclude_none=True))) + 1
+    for event in wire:
         if chunks[-1] and (
             len(chunks[-1]) >= MAX_BATCH_EVENTS
-            or size + event_size > MAX_BATCH_BYTES - _ENVELOPE_ROOM
+            or size + event.size + 1 > MAX_BATCH_BYTES - _ENVELOPE_ROOM
         ):
             chunks.append([])
             size = 0
-        chunks[-1].append(event)
-        size += event_size
+        chunks[-1].append(event.obj)
+        size += event.size + 1
     return [
-        encode_batch(
+        encode_batch_objects(
             chunk,
             app_id=judged.app_id,
             collector_time_ms=judged.collector_time_ms,

@@ -3,12 +3,16 @@ acknowledged every one (acks=all), or say that Kafka cannot be reached.
 
 aiokafka's producer is asyncio, so the server keeps answering while it waits. It is started
 on first use and again after a failed start, so a collector started before its cluster comes
-up becomes ready without a restart.
+up becomes ready without a restart. A producer that failed to deliver is thrown away and the
+next request starts a new one: records that timed out stay queued in the old producer's
+accumulator and keep it failing long after the broker is back (seen: 503s for over a
+minute after a broker restart, with a 2 s produce timeout).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -51,6 +55,7 @@ class KafkaBatchProducer:
         self._timeout_s = timeout_s
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
+        self._stopping: set[asyncio.Task[None]] = set()
 
     async def _started(self) -> AIOKafkaProducer:
         async with self._lock:
@@ -79,7 +84,25 @@ class KafkaBatchProducer:
                 pending = [await producer.send(self._topic, value, key=key) for value in values]
                 await asyncio.gather(*pending)
         except Exception as err:  # aiokafka's errors name no record value
-            raise ProducerUnavailable(f"not acknowledged: {type(err).__name__}") from None
+            failure = type(err).__name__
+        else:
+            return
+        self._discard(producer)
+        raise ProducerUnavailable(f"not acknowledged: {failure}")
+
+    def _discard(self, producer: AIOKafkaProducer) -> None:
+        """Stop using ``producer``; it is stopped in the background (its unsent records fail,
+        and their requests were, or will be, answered 503)."""
+        if self._producer is not producer:
+            return  # another request already replaced it
+        self._producer = None
+        task = asyncio.get_running_loop().create_task(self._stop_quietly(producer))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    async def _stop_quietly(self, producer: AIOKafkaProducer) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(producer.stop(), self._timeout_s)
 
     async def ready(self) -> bool:
         try:
@@ -95,3 +118,5 @@ class KafkaBatchProducer:
             if self._producer is not None:
                 producer, self._producer = self._producer, None
                 await producer.stop()
+        if self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 from tests.kafka_fixtures import KAFKA_JARS_DIR
@@ -15,18 +16,20 @@ from tests.services import free_ports
 def tally_environ(
     state_dir: Path, *, jars_dir: Path | None = KAFKA_JARS_DIR, **extra: str
 ) -> dict[str, str]:
-    """Settings for a command on ``state_dir``, with broker ports taken free once per folder
-    (a broker's storage keeps its controller's address, so a folder keeps its ports)."""
+    """Settings for a command on ``state_dir``, with broker and collector ports taken free
+    once per folder (a broker's storage keeps its controller's address, so a folder keeps
+    its ports)."""
     ports = state_dir.parent / "ports"
     if not ports.exists():
         ports.parent.mkdir(parents=True, exist_ok=True)
-        ports.write_text(" ".join(map(str, free_ports(2))))
-    port, controller_port = ports.read_text().split()
+        ports.write_text(" ".join(map(str, free_ports(3))))
+    port, controller_port, collector_port = ports.read_text().split()
     env = {
         **os.environ,
         "TALLY_STATE_DIR": str(state_dir),
         "TALLY_KAFKA_PORT": port,
         "TALLY_KAFKA_CONTROLLER_PORT": controller_port,
+        "TALLY_COLLECTOR_PORT": collector_port,
         "TALLY_SESSION_TIMEOUT_S": "6",
         **extra,
     }
@@ -71,3 +74,15 @@ def as_from_a_terminal() -> None:
     never comes."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def stop_and_wait(process: subprocess.Popen[bytes], signum: int, timeout_s: float) -> None:
+    """Send ``signum`` and wait up to ``timeout_s`` for the exit; past that, kill it (and
+    the wait's TimeoutExpired fails the test)."""
+    process.send_signal(signum)
+    try:
+        process.wait(timeout=timeout_s)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -104,7 +104,7 @@ def _messages(now_ms: int) -> tuple[list[Sent], list[str]]:
             [
                 ("content_forbidden", None, 1),
                 ("malformed_json", None, 3),
-                ("invalid_field", "app_id", 4),
+                ("app_mismatch", "app_id", 4),
             ],
         ),
         Sent(

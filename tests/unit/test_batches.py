@@ -214,7 +214,7 @@ def batches_with_one_broken_event(
     elif defect == "app":
         event["app_id"] = draw(field_strategy(BatchV1, "app_id").filter(
             lambda a: a != batch["app_id"]))  # fmt: skip
-        expected = (ReasonCode.INVALID_FIELD, "app_id", event_type)
+        expected = (ReasonCode.APP_MISMATCH, "app_id", event_type)
     elif defect == "too_large":
         event["referrer"] = "https://example.org/" + "a" * MAX_EVENT_BYTES
         expected = (ReasonCode.TOO_LARGE, None, None)
@@ -506,7 +506,7 @@ def _login(n: int, **changes: object) -> Envelope:
         ([_login(0)] * (MAX_BATCH_EVENTS + 1), {}, ReasonCode.TOO_LARGE, "events"),
         ([_login(n, referrer="https://example.org/" + "p" * 2000) for n in range(300)], {},
          ReasonCode.TOO_LARGE, "events"),
-        ([_login(0), _login(1, app_id="other.app")], {}, ReasonCode.INVALID_FIELD, "app_id"),
+        ([_login(0), _login(1, app_id="other.app")], {}, ReasonCode.APP_MISMATCH, "app_id"),
         ([_login(0)], {"ip": MARK}, ReasonCode.INVALID_FIELD, "ip"),
         ([_login(0)], {"batch_id": MARK}, ReasonCode.INVALID_FIELD, "batch_id"),
         ([_login(0)], {"collector_time_ms": 7}, ReasonCode.INVALID_FIELD, "collector_time_ms"),

@@ -23,6 +23,7 @@ from producers.collector.edge import (
 )
 from schemas.batch import MAX_BATCH_BYTES, MAX_BATCH_EVENTS, decode_message
 from schemas.examples import EXAMPLES
+from schemas.reasons import ReasonCode
 from tests.strategies import examples
 
 MARK = "zq7~SECRET~zq7"
@@ -139,14 +140,16 @@ def test_collector_stamps_replace_the_clients_claims():
 
 def test_events_of_another_app_are_refused_alone():
     """The request's app is the authorized one, else the first accepted event's; an event of
-    another app is refused alone with invalid_field (app_id)."""
+    another app is refused alone with app_mismatch (app_id)."""
     items = [_event(), _event(app_id="other.app"), _event()]
     judged = _judge(items)
     assert judged.app_id == APP and len(judged.accepted) == 2
     assert response_body(judged)["refused"] == [
-        {"index": 1, "reason": "invalid_field", "field": "app_id"}
+        {"index": 1, "reason": "app_mismatch", "field": "app_id"}
     ]
-    assert len(_judge(items, app_id="other.app").accepted) == 1
+    by_key = _judge(items, app_id="other.app")
+    assert [e.app_id for e in by_key.accepted] == ["other.app"]
+    assert [r.index for r in by_key.refused] == [0, 2]
 
 
 def test_too_many_events_is_413():
@@ -214,3 +217,10 @@ def test_large_requests_split_into_ordered_batches_within_bounds():
         assert (orjson.loads(raw)["batch_id"] == batch_id) == (n == 0)
     assert ids == [e["event_id"] for e in items]
     assert encode_batches(_judge([MARK]), batch_id=batch_id) == []
+
+
+def test_an_unknown_field_is_refused_even_when_null():
+    """Nulls are left out of what is sent, but an unknown key is refused whatever its value."""
+    judged = _judge([_event(message=None), _event(referrer=None)])
+    assert [e.referrer for e in judged.accepted] == [None]
+    assert [(r.index, r.reason) for r in judged.refused] == [(0, ReasonCode.CONTENT_FORBIDDEN)]

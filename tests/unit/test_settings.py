@@ -173,6 +173,9 @@ def test_collector_defaults_reach_its_config():
     from deploy.wiring import collector_config
 
     default = collector_config(load_settings({}))
+    assert (default.write_key_rate.per_s, default.write_key_rate.burst) == (1000.0, 2000)
+    assert (default.secret_key_rate.per_s, default.secret_key_rate.burst) == (10000.0, 20000)
+    assert default.max_pending_events == 50_000
     assert (default.host, default.port) == ("127.0.0.1", 8750)
     assert (default.max_body_bytes, default.max_events, default.trusted_proxies) == (
         1024 * 1024, 500, ()
@@ -187,6 +190,7 @@ def test_collector_defaults_reach_its_config():
     )
     config = collector_config(settings)
     assert (config.host, config.port, config.max_events) == ("0.0.0.0", 9750, 2000)
+    assert config.max_pending_events == 50_000
     assert [str(n) for n in config.trusted_proxies] == ["10.0.0.0/8", "192.0.2.7/32", "::1/128"]
     assert load_settings(settings_environ(settings)) == settings
 
@@ -207,6 +211,18 @@ def test_collector_defaults_reach_its_config():
             {"TALLY_COLLECTOR_PRODUCE_TIMEOUT_S": "0"},
             "TALLY_COLLECTOR_PRODUCE_TIMEOUT_S: must be positive",
         ),
+        ({"TALLY_COLLECTOR_RATE_PER_KEY": "0"}, "TALLY_COLLECTOR_RATE_PER_KEY: must be"),
+        ({"TALLY_COLLECTOR_RATE_PER_KEY": "nan"}, "TALLY_COLLECTOR_RATE_PER_KEY: must be"),
+        ({"TALLY_COLLECTOR_RATE_BURST": "0"}, "TALLY_COLLECTOR_RATE_BURST: must be at least 1"),
+        (
+            {"TALLY_COLLECTOR_SECRET_RATE_PER_KEY": "-1"},
+            "TALLY_COLLECTOR_SECRET_RATE_PER_KEY: must be positive",
+        ),
+        ({"TALLY_COLLECTOR_SECRET_RATE_BURST": "1.5"}, "TALLY_COLLECTOR_SECRET_RATE_BURST: not a"),
+        (
+            {"TALLY_COLLECTOR_MAX_PENDING_EVENTS": "499"},
+            "TALLY_COLLECTOR_MAX_PENDING_EVENTS: must be at least TALLY_COLLECTOR_MAX_EVENTS",
+        ),
     ],
 )
 def test_bad_collector_settings_fail_in_one_line(environ, message):
@@ -215,3 +231,22 @@ def test_bad_collector_settings_fail_in_one_line(environ, message):
         load_settings(environ)
     assert str(caught.value).startswith(message)
     assert "\n" not in str(caught.value)
+
+
+def test_the_apps_file_defaults_to_the_state_folder(tmp_path):
+    """Unset, the apps registry is state_dir/apps.json; TALLY_COLLECTOR_APPS_FILE moves it,
+    and a file that is not a registry stops the collector in one line naming the setting."""
+    from deploy.wiring import collector_apps
+
+    assert load_settings({"TALLY_STATE_DIR": str(tmp_path)}).collector_apps_path == (
+        tmp_path / "apps.json"
+    )
+    elsewhere = tmp_path / "etc" / "apps.json"
+    settings = load_settings({"TALLY_COLLECTOR_APPS_FILE": str(elsewhere)})
+    assert settings.collector_apps_path == elsewhere
+    assert load_settings(settings_environ(settings)) == settings
+    elsewhere.parent.mkdir()
+    elsewhere.write_text("[1, 2]")
+    with pytest.raises(SettingsError) as caught:
+        collector_apps(settings)
+    assert str(caught.value).startswith("TALLY_COLLECTOR_APPS_FILE: the apps file")

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import event as record_event
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from schemas.events import (
     ALL_FIELD_NAMES,
@@ -20,6 +21,7 @@ from schemas.events import (
 from schemas.examples import EXAMPLES
 from schemas.reasons import ReasonCode
 from schemas.validation import (
+    _TEXT_EXEMPT,
     MAX_DELAY_MS,
     MAX_FUTURE_SKEW_MS,
     InvalidEvent,
@@ -399,3 +401,22 @@ def test_text_detection_is_not_fooled_by_numbers():
     """A few words are a name; a sentence is content."""
     assert looks_like_text(CHAT_LINE)
     assert not looks_like_text("Chrome Mobile WebView")
+
+
+TEXTS = ("hello there how are you", "a b c d", "ok\tso\nwe meet", "Chrome Mobile Web View")
+
+
+@pytest.mark.parametrize("declared", sorted(EVENT_MODELS), ids=lambda d: f"{d[0]}.v{d[1]}")
+def test_no_declared_field_takes_text_or_a_nested_value(declared: tuple[str, int]) -> None:
+    """What validate_event_object's fast path stands on: a model never accepts text (more
+    than three words) or a list or object in any field but the exempt user agent, so an
+    event its model accepts has no content to scan for."""
+    model = EVENT_MODELS[declared]
+    base = {**EXAMPLES[declared[0]], "schema_version": declared[1]}
+    assert model.model_validate(base)
+    for name in model.model_fields:
+        if name in _TEXT_EXEMPT:
+            continue
+        for value in (*TEXTS, ["a"], {"a": 1}):
+            with pytest.raises(ValidationError):
+                model.model_validate({**base, name: value})
