@@ -15,14 +15,15 @@ retrying with backoff. Delivery is at least once; the event id makes a re-send h
 import logging
 import random
 import sqlite3
+import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
 from producers.spool import Record, Spool, Spooled
-from producers.transports import KafkaTransport, Outcome, Transport
+from producers.transports import HttpTransport, KafkaTransport, Outcome, RetryLater, Transport
 from schemas.consent import Consent
 from schemas.events import MAX_EVENT_BYTES, Envelope
 from schemas.reasons import ReasonCode
@@ -84,7 +85,7 @@ class TallyClient:
     ``spool_max_bytes`` bounds the spool; when full, the oldest events are dropped and
     counted in ``dropped_events``. Failed sends are retried after ``retry_backoff_s``,
     doubling to ``retry_backoff_max_s``, each jittered so that many clients do not return
-    together after an outage.
+    together after an outage; never sooner than the transport asked (``RetryLater``).
     """
 
     def __init__(
@@ -243,14 +244,17 @@ class TallyClient:
                 failures = 0
                 self._wait(lambda: self._new_events, _IDLE_RECHECK_S)
                 continue
-            if Outcome.RETRY in self._send(batch, failures):
+            outcomes, at_least_s = self._send(batch, failures)
+            if Outcome.RETRY in outcomes:
                 failures += 1
-                self._wait(lambda: self._try_now, self._backoff_delay(failures))
+                delay = max(self._backoff_delay(failures), at_least_s)
+                self._wait(lambda: self._try_now, delay)
             else:
                 failures = 0
 
-    def _send(self, batch: list[Spooled], failures: int) -> list[Outcome]:
-        """One attempt at a batch: what was confirmed or refused for good leaves the spool."""
+    def _send(self, batch: list[Spooled], failures: int) -> tuple[list[Outcome], float]:
+        """One attempt at a batch: what was confirmed or refused for good leaves the spool.
+        Returns the outcomes, and the least wait before the next attempt the far end asked."""
         try:
             outcomes = list(self._transport.send([spooled.record for spooled in batch]))
             if len(outcomes) != len(batch):
@@ -258,7 +262,8 @@ class TallyClient:
         except Exception as err:
             if not failures:
                 log.warning("events wait in the spool: sending failed (%s)", _one_line(err))
-            return [Outcome.RETRY] * len(batch)
+            at_least_s = err.delay_s if isinstance(err, RetryLater) else 0.0
+            return [Outcome.RETRY] * len(batch), at_least_s
         if Outcome.RETRY in outcomes and not failures:
             log.warning("events wait in the spool: sending was not confirmed")
         elif Outcome.RETRY not in outcomes and failures:
@@ -274,7 +279,7 @@ class TallyClient:
             log.exception("the spool could not forget confirmed events")
         with self._cv:
             self._cv.notify_all()  # a flush may be waiting on these
-        return outcomes
+        return outcomes, 0.0
 
     def _wait(self, wake: Callable[[], bool], timeout_s: float) -> None:
         """Sleep until ``wake()`` is true, the stop is asked, or ``timeout_s`` passes."""
@@ -335,3 +340,46 @@ class TallyProducer(TallyClient):
             retry_backoff_s=retry_backoff_s,
             retry_backoff_max_s=retry_backoff_max_s,
         )
+
+
+class TallyHttpClient(TallyClient):
+    """The SDK over HTTP to the collector, for desktop apps: each batch is a POST to
+    ``{endpoint}/v1/events`` with ``Authorization: Bearer <key>``, confirmed by its 2xx.
+
+    ``key`` is the app's key (None: the collector asks for none). It is a secret for a
+    server-side sender: it is never logged, put in an exception message or shown by ``repr``.
+    ``send_timeout_s`` bounds each network step of a send attempt; ``headers`` go with every
+    request (never the transport's own: Authorization, Content-*). What the collector's
+    answers mean for each event is ``HttpTransport``'s docstring. Other keyword arguments are
+    ``TallyClient``'s (``spool_path`` and the rest).
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        key: str | None,
+        *,
+        consent: Consent | None = None,
+        spool_path: Path | None = None,
+        spool_max_bytes: int = DEFAULT_SPOOL_BYTES,
+        retry_backoff_s: float = 0.5,
+        retry_backoff_max_s: float = 30.0,
+        send_timeout_s: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        transport = HttpTransport(
+            endpoint, key, timeout_s=send_timeout_s, ssl_context=ssl_context, headers=headers
+        )
+        self.endpoint = transport.endpoint
+        super().__init__(
+            transport,
+            consent=consent,
+            spool_path=spool_path,
+            spool_max_bytes=spool_max_bytes,
+            retry_backoff_s=retry_backoff_s,
+            retry_backoff_max_s=retry_backoff_max_s,
+        )
+
+    def __repr__(self) -> str:
+        return f"TallyHttpClient({self.endpoint!r})"

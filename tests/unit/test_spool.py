@@ -3,6 +3,9 @@ process, the byte bound with counted drops, concurrent emitters; and the client'
 transport trouble never reaches the host application. No services: the transport here is a
 list in this file standing in for the seam (tests/integration has the real Kafka)."""
 
+import contextlib
+import gc
+import os
 import stat
 import subprocess
 import sys
@@ -16,14 +19,16 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kafka.errors import KafkaError
 
 from producers.sdk import TallyClient
 from producers.spool import Record, Spool, SpoolFormatError, SpoolInUse
-from producers.transports import Outcome
+from producers.transports import KafkaTransport, Outcome
 from producers.workload import generate_workload
 from schemas.consent import Consent
 from schemas.events import Envelope
 from schemas.validation import InvalidEvent
+from tests.services import free_ports
 from tests.strategies import examples
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -385,3 +390,32 @@ def test_a_spool_bound_too_small_for_events_is_refused_when_the_client_is_made()
     """The bound must hold a few of the largest events the schema allows."""
     with pytest.raises(ValueError):
         client(ListTransport(), spool_max_bytes=1_000)
+
+
+def test_failed_kafka_attempts_leave_no_event_loop_open_for_the_garbage_collector() -> None:
+    """With no broker, each send attempt fails (KafkaError) and closes the network client
+    that kafka-python's failed constructor leaves behind: the epoll selectors open do not
+    grow with the attempts, even with the cyclic garbage collector off."""
+    fd_dir = Path("/proc/self/fd")
+    if not fd_dir.is_dir():
+        pytest.skip("needs /proc (Linux) to see descriptors")
+
+    def selectors_open() -> int:
+        links = []
+        for fd in fd_dir.iterdir():
+            with contextlib.suppress(OSError):  # the listing's own descriptor is gone
+                links.append(os.readlink(fd))
+        return sum("eventpoll" in link for link in links)
+
+    (port,) = free_ports(1)
+    transport = KafkaTransport(f"127.0.0.1:{port}", "t", compression_type=None, timeout_s=0.3)
+    gc.disable()
+    try:
+        before = selectors_open()
+        for _ in range(4):
+            with pytest.raises(KafkaError):
+                transport.send([rec(0)])
+        assert selectors_open() <= before
+    finally:
+        gc.enable()
+        transport.close()
