@@ -37,6 +37,11 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
         f"{summary.events_sent} events sent, {summary.rows_written} rows written; "
         f"first row after {first}, whole run {summary.seconds_total:.1f} s"
     )
+    print(
+        f"ways in: {summary.sent_over_http} client events over HTTP (the collector accepted "
+        f"{summary.collector_accepted}), {summary.events_sent - summary.sent_over_http} "
+        "server events through the Kafka SDK"
+    )
     return 0 if summary.rows_written >= summary.events_sent else 1
 
 

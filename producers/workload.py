@@ -1,6 +1,11 @@
 """A seeded synthetic workload of chat clients, for `tally run`, tests and benchmarks.
 
-The same seed gives the same events, byte for byte, whatever the machine.
+The same seed gives the same events, byte for byte, whatever the machine. Its population is
+a realistic mix: browser clients (desktop and mobile web, with referrers) and desktop apps,
+several versions on the stable, beta and nightly channels, consent choices, login failures,
+and a share of clients on poor networks whose calls have high latency and loss and drop more
+often. ``sender_of`` says which real path an event takes: login outcomes come from the auth
+server (the Kafka SDK), everything else from the client (HTTP to the collector).
 """
 
 import random
@@ -40,8 +45,28 @@ REFERRERS = (
     None, None, "https://www.example.org/blog/post?id=7", "https://news.example.com/a/b",
     "https://search.example.net/?q=video+chat",
 )  # fmt: skip
-VERSIONS = ("4.2.1", "4.2.0", "4.1.7", "4.3.0-beta.2")
 PLATFORMS = ("windows", "macos", "linux", "ios", "android", "ios")
+KINDS = ("desktop", "desktop", "desktop", "browser", "browser", "browser")
+"""What each user agent above is: the first three are the desktop app's hosts, the rest
+mobile browsers; desktop user agents are also used by browser clients (see make_clients)."""
+VERSIONS = ("4.2.1", "4.2.0", "4.1.7", "4.3.0-beta.2", "4.4.0-nightly.20261128")
+APP_IDS = {"browser": "conferendo.web", "desktop": "conferendo.desktop"}
+"""The app each kind of client is: one key each at the collector."""
+POOR_NETWORK_SHARE = 0.15
+
+
+def channel_of(version: str) -> str:
+    """The release channel a version string belongs to."""
+    for channel in ("beta", "nightly"):
+        if channel in version:
+            return channel
+    return "stable"
+
+
+def sender_of(event: Envelope) -> str:
+    """``"server"`` for events the auth server sends (login outcomes, over Kafka), else
+    ``"client"`` (over HTTP to the collector)."""
+    return "server" if event.event_type == "login" else "client"
 
 
 @dataclass(frozen=True)
@@ -49,12 +74,15 @@ class Client:
     """One simulated installation: what it runs on, where it is, what its user allows."""
 
     user_id: str
+    kind: str
+    """``"browser"`` or ``"desktop"``."""
     user_agent: str
     platform: str
     ip: str
     referrer: str | None
     version: str
     consent: str
+    poor_network: bool
 
 
 def make_clients(rng: random.Random, count: int) -> list[Client]:
@@ -62,15 +90,18 @@ def make_clients(rng: random.Random, count: int) -> list[Client]:
     for n in range(count):
         ua = rng.randrange(len(USER_AGENTS))
         consent = rng.choices(("full", "anonymous", "none"), weights=(80, 15, 5))[0]
+        kind = KINDS[ua] if rng.random() < 0.6 else "browser"
         clients.append(
             Client(
                 user_id=f"user-{n:05d}",
+                kind=kind,
                 user_agent=USER_AGENTS[ua],
-                platform=PLATFORMS[ua],
+                platform=PLATFORMS[ua] if kind == "desktop" else "web",
                 ip=rng.choice(PUBLIC_IPS),
-                referrer=rng.choice(REFERRERS),
-                version=rng.choice(VERSIONS),
+                referrer=rng.choice(REFERRERS) if kind == "browser" else None,
+                version=rng.choices(VERSIONS, weights=(40, 25, 15, 12, 8))[0],
                 consent=consent,
+                poor_network=rng.random() < POOR_NETWORK_SHARE,
             )
         )
     return clients
@@ -80,8 +111,8 @@ def _client_events(rng: random.Random, client: Client, start_ms: int) -> Iterato
     """One client's visit: start-up, login (sometimes failing first), calls, logout."""
     envelope = {
         "schema_version": 1,
-        "app_id": "conferendo.desktop",
-        "channel": "beta" if "beta" in client.version else "stable",
+        "app_id": APP_IDS[client.kind],
+        "channel": channel_of(client.version),
         "software_version": client.version,
         "consent": client.consent,
         "user_id": None if client.consent == "none" else client.user_id,
@@ -115,24 +146,26 @@ def _client_events(rng: random.Random, client: Client, start_ms: int) -> Iterato
         yield make(SessionStartV1, t, event_type="session_start", session_id=session_id,
                    session_kind=kind,
                    participants_bucket=rng.choice(("2", "3-5", "6-10", "11+")))  # fmt: skip
-        base_rtt = rng.uniform(20, 180)
+        poor = client.poor_network
+        base_rtt = rng.uniform(150, 600) if poor else rng.uniform(20, 180)
         for _ in range(rng.randrange(1, 5)):
             t += 10_000
             yield make(
                 QualitySampleV2, t, event_type="quality_sample", schema_version=2,
                 session_id=session_id,
                 rtt_ms=round(base_rtt * rng.uniform(0.8, 1.5), 1),
-                jitter_ms=round(rng.uniform(1, 30), 1),
-                packet_loss_pct=round(min(100.0, rng.expovariate(1.5)), 2),
+                jitter_ms=round(rng.uniform(20, 120) if poor else rng.uniform(1, 30), 1),
+                packet_loss_pct=round(min(100.0, rng.expovariate(0.2 if poor else 1.5)), 2),
                 bitrate_kbps=round(rng.uniform(300, 2500) if kind == "video" else 48.0, 0),
                 frame_rate=30.0 if kind == "video" else None,
                 resolution_class=rng.choice(("360p", "720p", "1080p")) if kind == "video" else None,
-                network_type=rng.choice(("wifi", "ethernet", "cellular")),
+                network_type=rng.choice(("wifi", "cellular") if poor
+                                        else ("wifi", "ethernet", "cellular")),
                 mos=round(rng.uniform(2.5, 4.6), 2),
                 codec=rng.choice(("vp9", "h264", "av1")) if kind == "video" else "opus",
             )  # fmt: skip
         t += rng.randrange(5_000, 600_000)
-        dropped = rng.random() < 0.06
+        dropped = rng.random() < (0.25 if poor else 0.04)
         yield make(SessionEndV1, t, event_type="session_end", session_id=session_id,
                    end_reason="dropped" if dropped else "normal",
                    error_code="ICE_TIMEOUT" if dropped else None,

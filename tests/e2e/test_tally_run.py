@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from deploy.run import WORKLOAD_SPAN_MS
-from producers.workload import generate_workload
+from producers.workload import generate_workload, sender_of
 from tests.e2e.commands import as_from_a_terminal, processes_under, tally_environ
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
@@ -41,6 +41,15 @@ def _logins(events: int, seed: int) -> tuple[int, int]:
     )
     logins = [e for e in workload if e.event_type == "login"]
     return len(logins), sum(1 for e in logins if getattr(e, "outcome", "") == "failure")
+
+
+def _ways_in(events: int, seed: int) -> tuple[int, int]:
+    """The workload's client events (sent over HTTP) and server events (through Kafka)."""
+    workload = generate_workload(
+        seed=seed, clients=CLIENTS, events=events, end_ms=END_MS, span_ms=WORKLOAD_SPAN_MS
+    )
+    over_http = sum(1 for e in workload if sender_of(e) == "client")
+    return over_http, len(workload) - over_http
 
 
 def _raw_values(events: int, seed: int) -> set[str]:
@@ -84,6 +93,15 @@ def test_tally_run_twice_reports_exact_counts_and_leaves_nothing(state_dir: Path
         hours[0][0] + timedelta(hours=n) for n in range(len(hours))
     ], "hours are missing from the report"
     assert "300 events sent, 300 rows written" in first.stdout
+    ways_in = re.search(
+        r"ways in: (\d+) client events over HTTP \(the collector accepted (\d+)\), (\d+) server "
+        r"events through the Kafka SDK",
+        first.stdout,
+    )
+    assert ways_in, first.stdout
+    over_http, accepted, over_kafka = map(int, ways_in.groups())
+    assert (over_http, over_kafka) == _ways_in(300, seed=1)
+    assert accepted >= over_http, "the collector did not accept every client event"
     first_row = re.search(r"first row after ([0-9.]+) s", first.stdout)
     assert first_row, first.stdout
     print(f"tally run: first row in ClickHouse after {first_row.group(1)} s")

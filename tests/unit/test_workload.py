@@ -4,7 +4,7 @@ import orjson
 import pytest
 
 from producers.sdk import apply_consent, prepare_event
-from producers.workload import generate_workload
+from producers.workload import APP_IDS, generate_workload, sender_of
 from schemas.consent import Consent
 from schemas.examples import EXAMPLES
 from schemas.reasons import ReasonCode
@@ -44,3 +44,24 @@ def test_events_made_before_consent_was_narrowed_are_not_sent():
         prepare_event(event, now, Consent.ANONYMOUS)
     assert caught.value.reason is ReasonCode.CONSENT_WITHDRAWN
     assert prepare_event(event, now, Consent.FULL)
+
+
+def test_workload_has_the_mix_of_real_clients():
+    """Browser and desktop apps, every channel, consent choices, login failures from the auth
+    server, and poor networks whose calls drop more often and lose more packets."""
+    workload = generate_workload(seed=11, clients=300, events=6000, end_ms=END_MS,
+                                 span_ms=3_600_000)  # fmt: skip
+    assert {e.app_id for e in workload} == set(APP_IDS.values())
+    assert {e.channel for e in workload} == {"stable", "beta", "nightly"}
+    assert {e.consent for e in workload} == {"full", "anonymous", "none"}
+    assert all(e.referrer is None for e in workload if e.app_id == APP_IDS["desktop"])
+    logins = [e for e in workload if e.event_type == "login"]
+    assert {sender_of(e) for e in logins} == {"server"}
+    assert {sender_of(e) for e in workload if e.event_type != "login"} == {"client"}
+    assert 0.03 < sum(e.outcome == "failure" for e in logins) / len(logins) < 0.3
+    samples = [e for e in workload if e.event_type == "quality_sample"]
+    lossy = sum(e.packet_loss_pct > 5 for e in samples) / len(samples)
+    assert 0.02 < lossy < 0.3, "a share of calls on poor networks"
+    ends = [e for e in workload if e.event_type == "session_end"]
+    dropped = sum(e.end_reason == "dropped" for e in ends) / len(ends)
+    assert 0.03 < dropped < 0.2
