@@ -6,17 +6,24 @@ cut to its domain. Nothing here touches Kafka, so it is unit-tested directly.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 from urllib.parse import urlsplit
 
 import geoip2.database
 import geoip2.errors
 import maxminddb
-import user_agents
+import ua_parser
+from ua_parser.regex import Resolver as RustResolver
+from user_agents.parsers import (
+    UserAgent,
+    parse_browser,
+    parse_device,
+    parse_operating_system,
+)
 
 from schemas.consent import Consent
 from schemas.enriched import enriched_fields
@@ -44,14 +51,32 @@ def _major(version: str) -> str:
     return version.split(".", 1)[0] if version else ""
 
 
+class _ClassifiedAgent(UserAgent):  # type: ignore[misc]  # user_agents has no types
+    """user_agents' device classes over a parse by ua-parser's Rust resolver.
+
+    ``user_agents.parse`` always runs ua-parser's pure-Python matcher (0.5-1 ms a string);
+    the Rust one (ua-parser-rs) reads the same regexes in 10-30 us. The classes (bot,
+    tablet, mobile, desktop) stay user_agents' own, computed from the same parsed fields.
+    """
+
+    def __init__(self, user_agent: str, parsed: ua_parser.DefaultedResult) -> None:
+        self.ua_string = user_agent
+        self.os = parse_operating_system(**asdict(parsed.os))
+        self.browser = parse_browser(**asdict(parsed.user_agent))
+        self.device = parse_device(**asdict(parsed.device))
+
+
+_UA_PARSER: Final = ua_parser.Parser(RustResolver(ua_parser.load_builtins()))
+
+
 @lru_cache(maxsize=4096)
 def parse_user_agent(user_agent: str) -> Agent:
     """Browser, OS and device class of a user agent string.
 
-    Cached here because user_agents costs about 0.5 ms per parse and its own cache is
-    wiped whole when full (FACTS.md); real traffic has few distinct strings.
+    Cached here because real traffic has few distinct strings (a hit costs 0.04 us, a
+    miss 10-30 us).
     """
-    ua = user_agents.parse(user_agent)
+    ua = _ClassifiedAgent(user_agent, _UA_PARSER.parse(user_agent).with_defaults())
     if ua.is_bot:
         device = "bot"
     elif ua.is_tablet:

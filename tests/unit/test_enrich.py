@@ -2,9 +2,11 @@
 
 import hashlib
 import hmac
+from pathlib import Path
 
 import orjson
 import pytest
+import user_agents
 
 from schemas.enriched import check_enriched, enriched_fields
 from schemas.examples import EXAMPLES
@@ -197,3 +199,41 @@ def test_a_retried_send_is_a_duplicate(lookups):
         other = {**EXAMPLES["login"], "event_id": f"00000000-0000-4000-8000-00000000000{n}"}
         validate_and_enrich(orjson.dumps(other), ORIGIN, lookups, recent)
     assert validate_and_enrich(raw, ORIGIN, lookups, recent).destination == "enriched"
+
+
+REAL_USER_AGENTS = [
+    line.rstrip("\n")
+    for line in (Path(__file__).parents[1] / "data" / "user_agents.txt").open()
+    if not line.startswith("#")
+]
+
+
+def _agent_by_user_agents(user_agent: str) -> tuple[str, str, str, str, str]:
+    """What the user-agents package itself says (its pure-Python parse)."""
+    ua = user_agents.parse(user_agent)
+    device = next(
+        (name for name, yes in (("bot", ua.is_bot), ("tablet", ua.is_tablet),
+                                ("mobile", ua.is_mobile), ("desktop", ua.is_pc)) if yes),
+        "other",
+    )  # fmt: skip
+    return (
+        ua.browser.family[:64],
+        ua.browser.version_string.split(".", 1)[0],
+        ua.os.family[:64],
+        ua.os.version_string.split(".", 1)[0],
+        device,
+    )
+
+
+def test_fast_user_agent_parse_agrees_with_user_agents_on_real_strings():
+    """The Rust-backed parse gives the browser, OS, their major versions and the device
+    class the user-agents package gives, on 400 real strings of every kind (browsers,
+    apps, crawlers, phones, tablets, consoles)."""
+    assert len(REAL_USER_AGENTS) == 400
+    parse_user_agent.cache_clear()
+    differ = [
+        ua for ua in REAL_USER_AGENTS if tuple(parse_user_agent(ua)) != _agent_by_user_agents(ua)
+    ]
+    assert not differ, differ[:5]
+    classes = {parse_user_agent(ua).device_class for ua in REAL_USER_AGENTS}
+    assert classes == {"bot", "tablet", "mobile", "desktop", "other"}
