@@ -48,13 +48,13 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
     import faust
 
-    from deploy.wiring import build_lookups, stream_config
+    from deploy.wiring import CurrentLookups, stream_config
     from streams.app import create_app
 
     if not settings.kafka_bootstrap:
         raise SettingsError("TALLY_KAFKA_BOOTSTRAP: the worker needs a Kafka cluster")
     config = stream_config(settings, settings.kafka_bootstrap)
-    app = create_app(config, build_lookups(settings))
+    app = create_app(config, CurrentLookups(settings))
 
     class StreamWorker(faust.Worker):
         async def on_startup_finished(self) -> None:
@@ -126,6 +126,42 @@ def _apps(settings: Settings, args: argparse.Namespace) -> int:
         print(f"tally: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _keys(settings: Settings, args: argparse.Namespace) -> int:
+    import time
+
+    from deploy.keys import KeyRingError, destroy_key, make_key_ring, read_key_ring, rotate_key
+
+    if settings.hmac_key is not None:
+        print("tally: TALLY_HMAC_KEY holds the key; rotate it where it is kept", file=sys.stderr)
+        return 1
+    path = settings.hmac_key_path
+    try:
+        if args.action == "list":
+            if settings.hmac_key_file is None:
+                make_key_ring(path)
+            now = time.time()
+            print("KEY    AGE")
+            for n, ring_key in enumerate(read_key_ring(path)):
+                age = "unknown" if ring_key.created_s is None else _age(now - ring_key.created_s)
+                active = "  active: pseudonymizes new events" if n == 0 else ""
+                print(f"{ring_key.key.key_id:<6} {age:<8}{active}".rstrip())
+        elif args.action == "rotate":
+            new = rotate_key(path)
+            print(f"new key {new.key.key_id} is active; running workers take it within seconds")
+        else:
+            destroy_key(path, args.key_id)
+            print(f"destroyed key {args.key_id}: its pseudonyms can no longer be linked to anyone")
+    except KeyRingError as err:
+        print(f"tally: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _age(seconds: float) -> str:
+    days, rest = divmod(int(max(seconds, 0)), 86400)
+    return f"{days}d {rest // 3600}h" if days else f"{rest // 3600}h {rest % 3600 // 60}m"
 
 
 def _up(settings: Settings, args: argparse.Namespace) -> int:
@@ -268,6 +304,15 @@ def _parser() -> argparse.ArgumentParser:
     revoke = apps_sub.add_parser("revoke", help="revoke an app's keys")
     revoke.add_argument("name")
     apps.set_defaults(handler=_apps)
+    keys = sub.add_parser("keys", help="the pseudonymization key ring (ids and ages, never keys)")
+    keys_sub = keys.add_subparsers(dest="action", required=True)
+    keys_sub.add_parser("list", help="key ids and ages, the active one first")
+    keys_sub.add_parser("rotate", help="add a new key; new events are pseudonymized with it")
+    destroy = keys_sub.add_parser(
+        "destroy", help="remove a key for good: its pseudonyms become unlinkable"
+    )
+    destroy.add_argument("key_id")
+    keys.set_defaults(handler=_keys)
     sub.add_parser(
         "up", help="broker, migrations, sink and worker on this machine, supervised, until stopped"
     ).set_defaults(handler=_up)

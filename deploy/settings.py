@@ -6,14 +6,13 @@ A bad value fails at start with one line naming the variable; a secret's value i
 part of that line, of a repr or of a log.
 """
 
-import os
-import secrets
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from deploy.keys import KeyRingError, make_key_ring, parse_key_line, read_key_ring
 from producers.collector.edge import IpNetwork, parse_trusted_proxies
 from streams.pseudonymize import HmacKey
 
@@ -194,34 +193,25 @@ class Settings:
             raise SettingsError(f"TALLY_CLICKHOUSE_PASSWORD_FILE: {path} holds no password")
         return Secret(text.strip())
 
+    @property
+    def hmac_key_path(self) -> Path:
+        """The key ring file: ``hmac_key_file``, else under ``state_dir``."""
+        return self.hmac_key_file or self.state_dir / "secrets" / "hmac.key"
+
     def hmac_keys(self) -> list[HmacKey]:
-        """The pseudonymization keys, the active one first. Makes one if none is configured."""
+        """The pseudonymization keys, the active one first. Makes a ring of one key if none
+        is configured (deploy/keys.py)."""
         if self.hmac_key is not None:
-            return [_parse_key(self.hmac_key.reveal(), "TALLY_HMAC_KEY")]
-        path = self.hmac_key_file or self.state_dir / "secrets" / "hmac.key"
-        if not path.exists():
-            if self.hmac_key_file is not None:
-                raise SettingsError(f"TALLY_HMAC_KEY_FILE: no file at {path}")
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as out:
-                out.write(f"k1:{secrets.token_hex(32)}\n")
-        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-        if not lines:
-            raise SettingsError(f"TALLY_HMAC_KEY_FILE: {path} holds no key")
-        return [_parse_key(line, "TALLY_HMAC_KEY_FILE") for line in lines]
-
-
-def _parse_key(text: str, variable: str) -> HmacKey:
-    key_id, sep, hex_secret = text.partition(":")
-    try:
-        if not sep or not key_id:
-            raise ValueError
-        return HmacKey(key_id.strip(), bytes.fromhex(hex_secret.strip()))
-    except ValueError:
-        raise SettingsError(
-            f"{variable}: expected key_id:hex_secret of at least 16 bytes"
-        ) from None
+            try:
+                return [parse_key_line(self.hmac_key.reveal()).key]
+            except ValueError as err:
+                raise SettingsError(f"TALLY_HMAC_KEY: {err}") from None
+        if self.hmac_key_file is None:
+            make_key_ring(self.hmac_key_path)
+        try:
+            return [ring_key.key for ring_key in read_key_ring(self.hmac_key_path)]
+        except KeyRingError as err:
+            raise SettingsError(f"TALLY_HMAC_KEY_FILE: {err}") from None
 
 
 def _convert(name: str, kind: Any, raw: Any) -> Any:

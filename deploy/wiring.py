@@ -1,10 +1,15 @@
 """The composition root: turns settings into the parts each stage takes, and nothing else."""
 
+import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Final
 
 import orjson
 
 from deploy.kafka import TopicSpec
+from deploy.keys import KeyRingError, key_ring_signature, read_key_ring
 from deploy.settings import Settings, SettingsError
 from producers.collector.app import CollectorConfig
 from producers.collector.apps import AppRegistry, AppsError
@@ -17,7 +22,12 @@ from sinks.consumer import SinkConfig
 from sinks.query_service import RemoteClickHouse
 from streams.app import StreamConfig
 from streams.enrich import GeoLookup, Lookups
-from streams.pseudonymize import Pseudonymizer
+from streams.pseudonymize import HmacKey, Pseudonymizer
+
+log = logging.getLogger(__name__)
+
+KEY_RING_CHECK_INTERVAL_S: Final = 5.0
+"""How often a worker looks whether its key ring file changed."""
 
 
 def topic_names(settings: Settings) -> TopicNames:
@@ -83,13 +93,54 @@ def open_writer(settings: Settings, *, wait_s: float = 30.0) -> ClickHouseBacken
     return open_backend(settings)
 
 
-def build_lookups(settings: Settings) -> Lookups:
-    key = settings.hmac_keys()[0]
-    pseudonymizer = Pseudonymizer(key)
-    geo = GeoLookup(settings.geoip_path)
-    return Lookups(
-        pseudonymize_id=pseudonymizer.pseudonymize_id, key_id=key.key_id, locate=geo.locate
-    )
+class CurrentLookups:
+    """The stream step's lookups, with the key ring read again when its file changes (looked
+    at at most every ``check_interval_s``), so `tally keys rotate` and `tally keys destroy`
+    reach a running worker without a restart. A ring that turns unreadable keeps the last
+    one in use, with a warning; the worker never stops for it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        check_interval_s: float = KEY_RING_CHECK_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._geo = GeoLookup(settings.geoip_path)
+        self._interval = check_interval_s
+        self._clock = clock
+        self._watched = settings.hmac_key is None
+        self._signature = key_ring_signature(settings.hmac_key_path) if self._watched else None
+        self._lookups = self._build(settings.hmac_keys()[0])
+        self._next_check = clock() + check_interval_s
+
+    def _build(self, key: HmacKey) -> Lookups:
+        pseudonymizer = Pseudonymizer(key)
+        return Lookups(
+            pseudonymize_id=pseudonymizer.pseudonymize_id,
+            key_id=key.key_id,
+            locate=self._geo.locate,
+        )
+
+    def __call__(self) -> Lookups:
+        if not self._watched or self._clock() < self._next_check:
+            return self._lookups
+        self._next_check = self._clock() + self._interval
+        path = self._settings.hmac_key_path
+        signature = key_ring_signature(path)
+        if signature == self._signature:
+            return self._lookups
+        self._signature = signature
+        try:
+            active = read_key_ring(path)[0].key
+        except KeyRingError as err:
+            log.warning("key ring not reloaded, keeping key %s: %s", self._lookups.key_id, err)
+            return self._lookups
+        if active.key_id != self._lookups.key_id:
+            log.info("key ring reloaded: new events are pseudonymized with %s", active.key_id)
+        self._lookups = self._build(active)
+        return self._lookups
 
 
 def stream_config(settings: Settings, bootstrap: str) -> StreamConfig:

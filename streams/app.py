@@ -9,6 +9,7 @@ batch (at-least-once); the sink's writes are idempotent by event id.
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +38,10 @@ class StreamConfig:
     """The codec of the batches the worker produces; None: uncompressed."""
 
 
-def create_app(config: StreamConfig, lookups: Lookups) -> faust.App:
+def create_app(config: StreamConfig, current_lookups: Callable[[], Lookups]) -> faust.App:
     """The Faust app with the validate-and-enrich agent on the raw topic, which reads single
-    events and batches alike."""
+    events and batches alike. ``current_lookups`` is asked once a batch of messages, so a
+    rotated key takes effect without a restart."""
     app = faust.App(
         config.app_id,
         broker=f"kafka://{config.bootstrap}",
@@ -66,6 +68,7 @@ def create_app(config: StreamConfig, lookups: Lookups) -> faust.App:
     async def validate_and_enrich_agent(stream: Any) -> None:
         async for batch in stream.take_events(config.batch_size, within=config.batch_within_s):
             pending = []
+            lookups = current_lookups()
             for event in batch:
                 message = event.message
                 origin = Origin(
