@@ -107,6 +107,12 @@ class Settings:
     requests together (a few KiB each, parsed): a request that would pass it gets 503
     ``overloaded`` with Retry-After. At least ``collector_max_events``."""
     stream_batch_size: int = 1000
+    dead_letter_alarm_share: float = 0.5
+    """The share of refused events (duplicates aside) over the window that makes the worker
+    log an error naming the top reasons (a broken client release), once until it recovers."""
+    dead_letter_alarm_window_s: float = 60.0
+    dead_letter_alarm_min_events: int = 200
+    """Fewer events in the window than this never trip the alarm."""
     sink_batch_size: int = 5000
     sink_batch_interval_s: float = 1.0
     session_timeout_s: float = 10.0
@@ -122,14 +128,16 @@ class Settings:
         for name in ("raw_partitions", "stream_batch_size", "sink_batch_size",
                      "workload_events", "workload_clients", "collector_max_events",
                      "collector_rate_burst", "collector_secret_rate_burst",
-                     "collector_max_pending_events"):  # fmt: skip
+                     "collector_max_pending_events", "dead_letter_alarm_min_events"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise SettingsError(f"TALLY_{name.upper()}: must be at least 1")
         for name in ("raw_retention_hours", "sink_batch_interval_s", "session_timeout_s",
                      "collector_produce_timeout_s", "collector_rate_per_key",
-                     "collector_secret_rate_per_key"):  # fmt: skip
+                     "collector_secret_rate_per_key", "dead_letter_alarm_window_s"):  # fmt: skip
             if not getattr(self, name) > 0:  # NaN too
                 raise SettingsError(f"TALLY_{name.upper()}: must be positive")
+        if not 0 < self.dead_letter_alarm_share <= 1:
+            raise SettingsError("TALLY_DEAD_LETTER_ALARM_SHARE: a share in (0, 1]")
         if self.collector_max_body_bytes < 1024:
             raise SettingsError("TALLY_COLLECTOR_MAX_BODY_BYTES: must be at least 1024")
         if self.collector_max_pending_events < self.collector_max_events:

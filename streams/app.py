@@ -15,9 +15,11 @@ from typing import Any
 
 import faust
 
+from schemas.reasons import ReasonCode
 from schemas.topics import TopicNames
 from streams.dedupe import RecentEventIds
 from streams.enrich import Lookups
+from streams.refusals import RefusalWatch
 from streams.steps import Origin, outcomes_of_message
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,10 @@ class StreamConfig:
     state_dir: str | None = None
     compression_type: str | None = "zstd"
     """The codec of the batches the worker produces; None: uncompressed."""
+    refusal_alarm_share: float = 0.5
+    refusal_alarm_window_s: float = 60.0
+    refusal_alarm_min_events: int = 200
+    """The dead-letter limit (streams/refusals.py)."""
 
 
 def create_app(config: StreamConfig, current_lookups: Callable[[], Lookups]) -> faust.App:
@@ -63,11 +69,17 @@ def create_app(config: StreamConfig, current_lookups: Callable[[], Lookups]) -> 
     dead = app.topic(config.topics.dead, key_serializer="raw", value_serializer="raw")
     destinations = {"enriched": enriched, "dead": dead}
     recent = RecentEventIds()
+    refusals = RefusalWatch(
+        share=config.refusal_alarm_share,
+        window_s=config.refusal_alarm_window_s,
+        min_events=config.refusal_alarm_min_events,
+    )
 
     @app.agent(raw, name="validate_and_enrich")
     async def validate_and_enrich_agent(stream: Any) -> None:
         async for batch in stream.take_events(config.batch_size, within=config.batch_within_s):
             pending = []
+            reasons: list[ReasonCode | None] = []
             lookups = current_lookups()
             for event in batch:
                 message = event.message
@@ -80,6 +92,10 @@ def create_app(config: StreamConfig, current_lookups: Callable[[], Lookups]) -> 
                 for outcome in outcomes_of_message(message.value, origin, lookups, recent):
                     topic = destinations[outcome.destination]
                     pending.append(await topic.send(key=outcome.key, value=outcome.value))
+                    reasons.append(outcome.reason if outcome.destination == "dead" else None)
             await asyncio.gather(*pending)
+            alarm = refusals.record(reasons)
+            if alarm is not None:
+                log.error("dead-letter limit: %s", alarm.describe())
 
     return app
