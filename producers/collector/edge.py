@@ -88,7 +88,7 @@ class Judged:
     """The app of the batch: the request's app if known, else the first accepted event's."""
     collector_time_ms: int
     ip: str | None
-    wire: tuple[Wire, ...] = ()
+    wire: tuple[Wire, ...]
     """Each accepted event as it goes into its batch, in the order of ``accepted``."""
 
 
@@ -280,15 +280,9 @@ def encode_batches(judged: Judged, *, batch_id: str) -> list[bytes]:
     and MAX_BATCH_BYTES; the first batch has ``batch_id``, later ones derived ids."""
     if not judged.accepted or judged.app_id is None:
         return []
-    wire = judged.wire or tuple(
-        Wire(obj, len(orjson.dumps(obj)))
-        for obj in (
-            e.model_dump(exclude_none=True, exclude=set(STAMPED_FIELDS)) for e in judged.accepted
-        )
-    )
     chunks: list[list[dict[str, Any]]] = [[]]
     size = 0
-    for event in wire:
+    for event in judged.wire:
         if chunks[-1] and (
             len(chunks[-1]) >= MAX_BATCH_EVENTS
             or size + event.size + 1 > MAX_BATCH_BYTES - _ENVELOPE_ROOM
