@@ -131,7 +131,8 @@ def _apps(settings: Settings, args: argparse.Namespace) -> int:
 def _keys(settings: Settings, args: argparse.Namespace) -> int:
     import time
 
-    from deploy.keys import KeyRingError, destroy_key, make_key_ring, read_key_ring, rotate_key
+    from deploy.daily_keys import DailyKeyError
+    from deploy.keys import KeyRingError, destroy_key, make_key_ring, rotate_key
 
     if settings.hmac_key is not None:
         print("tally: TALLY_HMAC_KEY holds the key; rotate it where it is kept", file=sys.stderr)
@@ -141,22 +142,51 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
         if args.action == "list":
             if settings.hmac_key_file is None:
                 make_key_ring(path)
-            now = time.time()
-            print("KEY    AGE")
-            for n, ring_key in enumerate(read_key_ring(path)):
-                age = "unknown" if ring_key.created_s is None else _age(now - ring_key.created_s)
-                active = "  active: pseudonymizes new events" if n == 0 else ""
-                print(f"{ring_key.key.key_id:<6} {age:<8}{active}".rstrip())
+            print(_key_listing(settings, time.time()))
         elif args.action == "rotate":
             new = rotate_key(path)
             print(f"new key {new.key.key_id} is active; running workers take it within seconds")
         else:
             destroy_key(path, args.key_id)
             print(f"destroyed key {args.key_id}: its pseudonyms can no longer be linked to anyone")
-    except KeyRingError as err:
+    except (KeyRingError, DailyKeyError) as err:
         print(f"tally: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _key_listing(settings: Settings, now: float) -> str:
+    """The ring's keys, the active one first, then the daily keys of anonymous consent: ids,
+    ages and what each is for, never a secret."""
+    from datetime import UTC, datetime
+
+    from deploy.daily_keys import destroyed_after_s, read_daily_keys
+    from deploy.keys import read_key_ring
+
+    rows: list[tuple[str, str, str]] = []
+    for n, ring_key in enumerate(read_key_ring(settings.hmac_key_path)):
+        age = "unknown" if ring_key.created_s is None else _age(now - ring_key.created_s)
+        note = "active: pseudonymizes full consent" if n == 0 else ""
+        rows.append((ring_key.key.key_id, age, note))
+    daily = read_daily_keys(settings.daily_keys_path)
+    for day in sorted(daily.by_day):
+        daily_key = daily.by_day[day]
+        age = "unknown" if daily_key.created_s is None else _age(now - daily_key.created_s)
+        due = destroyed_after_s(day, settings.allowed_lateness_s)
+        when = (
+            f"destroyed at {datetime.fromtimestamp(due, UTC):%Y-%m-%d %H:%M} UTC"
+            if due > now
+            else "past lateness: destroyed at a worker's next check"
+        )
+        rows.append((daily_key.key.key_id, age, f"anonymous consent on {day}, {when}"))
+    width = max(len(key_id) for key_id, _, _ in rows)
+    lines = [f"{'KEY':<{width}} AGE"]
+    lines += [f"{key_id:<{width}} {age:<8} {note}".rstrip() for key_id, age, note in rows]
+    if daily.finished_through:
+        lines.append(
+            f"days up to {daily.finished_through}: finished, no anonymous key kept or made"
+        )
+    return "\n".join(lines)
 
 
 def _age(seconds: float) -> str:

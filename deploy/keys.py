@@ -111,8 +111,8 @@ def destroy_key(path: Path, key_id: str) -> None:
         _write(path, kept)
 
 
-def key_ring_signature(path: Path) -> tuple[int, int, int] | None:
-    """What changes when the ring file is replaced (mtime, size, inode); None if absent."""
+def file_signature(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a key file is replaced (mtime, size, inode); None if absent."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -130,8 +130,16 @@ def _line(ring_key: RingKey) -> str:
 
 
 def _write(path: Path, ring: list[RingKey]) -> None:
-    """Replace the ring file whole, with the old file's owner and mode (never readable by
-    others: 0600, or 0640 for a ring a service group reads), private from its first byte."""
+    replace_private_file(path, "".join(_line(k) for k in ring))
+
+
+def replace_private_file(path: Path, text: str) -> None:
+    """Replace a key file whole, with the old file's owner and mode (never readable by
+    others: 0600, or 0640 for a file a service group reads), private from its first byte.
+
+    Written to a staging file, synced, renamed over the old one and the folder synced: a
+    reader sees the old file or the new one, never a mix, and after a crash one of the two.
+    Run under the file's lock (two writers would share the staging file)."""
     try:
         old = os.stat(path)
         mode, owner = stat.S_IMODE(old.st_mode) & 0o640, (old.st_uid, old.st_gid)
@@ -144,10 +152,15 @@ def _write(path: Path, ring: list[RingKey]) -> None:
         if owner is not None and owner != (os.getuid(), os.getgid()):
             os.fchown(out.fileno(), *owner)  # root rotating a ring the service group reads
         os.fchmod(out.fileno(), mode | 0o600)
-        out.write("".join(_line(k) for k in ring))
+        out.write(text)
         out.flush()
         os.fsync(out.fileno())
     staging.replace(path)
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def _locked(path: Path) -> AbstractContextManager[None]:

@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -306,6 +306,14 @@ class WorkloadSenders:
             sender.close(timeout_s=0)
 
 
+def replay_settings(settings: Settings) -> Settings:
+    """The worker's settings for a replay: hours of client time arrive within seconds, as a
+    backfill does, so the allowed lateness covers the whole span (else sessions that began
+    hours "ago" would be refused as too late)."""
+    span_s = WORKLOAD_SPAN_MS / 1000
+    return replace(settings, allowed_lateness_s=max(settings.allowed_lateness_s, span_s + 3600))
+
+
 def replay_workload(
     settings: Settings,
     bootstrap: str,
@@ -360,7 +368,7 @@ def run_pipeline(settings: Settings, *, drain_timeout_s: float = 180.0) -> RunSu
             with interrupts_deferred():  # kafka-python's bootstrap would swallow an interrupt
                 sink = EnrichedSink(sink_config(settings, bootstrap), ClickHouseWriter(backend))
             sinking = stages.enter_context(sink_thread(sink))
-            worker = stages.enter_context(stream_worker(settings, bootstrap))
+            worker = stages.enter_context(stream_worker(replay_settings(settings), bootstrap))
             collector = stages.enter_context(collector_process(settings, bootstrap))
 
             def check_stages() -> None:
@@ -372,15 +380,17 @@ def run_pipeline(settings: Settings, *, drain_timeout_s: float = 180.0) -> RunSu
             sent, over_http = replay_workload(settings, bootstrap, collector, check_stages)
             accepted = collector_accepted_events(collector.endpoint)
             deadline = time.monotonic() + drain_timeout_s
-            while sink.rows_written < sent and time.monotonic() < deadline:
+            while sink.event_rows_written < sent and time.monotonic() < deadline:
                 check_stages()
                 time.sleep(0.2)  # polling the sink's count against the deadline
-            if sink.rows_written < sent:
+            if sink.event_rows_written < sent:
                 log.warning(
                     "only %d of %d events reached ClickHouse before the deadline",
-                    sink.rows_written,
+                    sink.event_rows_written,
                     sent,
                 )
         report = format_logins_per_hour(logins_per_hour(backend))
     first = sink.first_write_at - t0 if sink.first_write_at else None
-    return RunSummary(sent, sink.rows_written, over_http, accepted, first, time.time() - t0, report)
+    return RunSummary(
+        sent, sink.event_rows_written, over_http, accepted, first, time.time() - t0, report
+    )

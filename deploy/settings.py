@@ -107,12 +107,40 @@ class Settings:
     requests together (a few KiB each, parsed): a request that would pass it gets 503
     ``overloaded`` with Retry-After. At least ``collector_max_events``."""
     stream_batch_size: int = 1000
+    allowed_lateness_s: float = 3600.0
+    """How late (by client time) an event may come and still count: a session closed longer
+    ago than this, or a UTC day ended longer ago, refuses it as ``too_late``; a day's
+    anonymous key is destroyed once its day ended this long ago."""
+    daily_keys_file: Path | None = None
+    """The random per-UTC-day keys of ``anonymous`` consent (mode 0600); unset: under
+    ``state_dir/secrets``. A day's key is removed for good once the day is past lateness."""
+    dedupe_window_s: float = 86400.0
+    """How long an event id is remembered (in a changelogged table) to refuse a retry as
+    ``duplicate``, across worker restarts."""
+    dedupe_max_ids: int = 1_000_000
+    """Most event ids remembered per worker, oldest forgotten first (memory bound: about
+    130 bytes an id)."""
+    session_silence_timeout_s: float = 120.0
+    """A chat session with no event for this long (by arrival) is closed as ``timeout``."""
+    quality_poor_rtt_ms: float = 400.0
+    quality_poor_jitter_ms: float = 30.0
+    quality_poor_loss_pct: float = 5.0
+    """A session whose 95th percentile passes one of these is ``poor`` (ITU-T G.114 for
+    round-trip time; the usual VoIP limits for jitter and loss)."""
+    quality_fair_rtt_ms: float = 300.0
+    quality_fair_jitter_ms: float = 20.0
+    quality_fair_loss_pct: float = 1.0
+    """Past one of these (and under the poor ones) a session is ``fair``; else ``good``."""
     dead_letter_alarm_share: float = 0.5
     """The share of refused events (duplicates aside) over the window that makes the worker
     log an error naming the top reasons (a broken client release), once until it recovers."""
     dead_letter_alarm_window_s: float = 60.0
     dead_letter_alarm_min_events: int = 200
     """Fewer events in the window than this never trip the alarm."""
+    dead_letter_alarm_pause_s: float = 0.0
+    """When the alarm trips, stop reading the raw partitions for this long (the events wait
+    in Kafka, within its retention, rather than flood the dead-letter topic while a broken
+    release is rolled back); 0: never pause."""
     sink_batch_size: int = 5000
     sink_batch_interval_s: float = 1.0
     session_timeout_s: float = 10.0
@@ -128,16 +156,29 @@ class Settings:
         for name in ("raw_partitions", "stream_batch_size", "sink_batch_size",
                      "workload_events", "workload_clients", "collector_max_events",
                      "collector_rate_burst", "collector_secret_rate_burst",
-                     "collector_max_pending_events", "dead_letter_alarm_min_events"):  # fmt: skip
+                     "collector_max_pending_events", "dead_letter_alarm_min_events",
+                     "dedupe_max_ids"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise SettingsError(f"TALLY_{name.upper()}: must be at least 1")
         for name in ("raw_retention_hours", "sink_batch_interval_s", "session_timeout_s",
                      "collector_produce_timeout_s", "collector_rate_per_key",
-                     "collector_secret_rate_per_key", "dead_letter_alarm_window_s"):  # fmt: skip
+                     "collector_secret_rate_per_key", "dead_letter_alarm_window_s",
+                     "allowed_lateness_s", "dedupe_window_s", "session_silence_timeout_s",
+                     "quality_poor_rtt_ms", "quality_poor_jitter_ms", "quality_poor_loss_pct",
+                     "quality_fair_rtt_ms", "quality_fair_jitter_ms",
+                     "quality_fair_loss_pct"):  # fmt: skip
             if not getattr(self, name) > 0:  # NaN too
                 raise SettingsError(f"TALLY_{name.upper()}: must be positive")
+        if not self.dead_letter_alarm_pause_s >= 0:
+            raise SettingsError("TALLY_DEAD_LETTER_ALARM_PAUSE_S: must not be negative")
         if not 0 < self.dead_letter_alarm_share <= 1:
             raise SettingsError("TALLY_DEAD_LETTER_ALARM_SHARE: a share in (0, 1]")
+        for metric in ("rtt_ms", "jitter_ms", "loss_pct"):
+            if getattr(self, f"quality_fair_{metric}") > getattr(self, f"quality_poor_{metric}"):
+                raise SettingsError(
+                    f"TALLY_QUALITY_FAIR_{metric.upper()}: must not pass"
+                    f" TALLY_QUALITY_POOR_{metric.upper()}"
+                )
         if self.collector_max_body_bytes < 1024:
             raise SettingsError("TALLY_COLLECTOR_MAX_BODY_BYTES: must be at least 1024")
         if self.collector_max_pending_events < self.collector_max_events:
@@ -169,6 +210,11 @@ class Settings:
     def collector_trusted_networks(self) -> tuple[IpNetwork, ...]:
         """``collector_trusted_proxies`` parsed; ValueError naming the bad item's position."""
         return parse_trusted_proxies(self.collector_trusted_proxies)
+
+    @property
+    def daily_keys_path(self) -> Path:
+        """The per-day anonymous keys: ``daily_keys_file``, else under ``state_dir``."""
+        return self.daily_keys_file or self.state_dir / "secrets" / "daily.keys"
 
     @property
     def collector_apps_path(self) -> Path:

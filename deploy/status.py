@@ -23,6 +23,7 @@ from deploy.up import up_state_file
 from deploy.wiring import open_reader, sink_config, stream_config, topic_names
 from schemas.enriched import table_name
 from schemas.events import EVENT_TYPES
+from schemas.summaries import OUTPUT_MODELS
 from sinks.backends import ClickHouseError
 
 _KAFKA_TIMEOUT_MS = 5_000
@@ -175,7 +176,7 @@ def _read_rows(settings: Settings, status: Status) -> None:
     try:
         status.rows = {
             table_name(t): int(backend.query(f"SELECT count() FROM {table_name(t)}")[0][0])
-            for t in EVENT_TYPES
+            for t in (*EVENT_TYPES, *OUTPUT_MODELS)
         }
     except ClickHouseError as err:
         status.problems.append(f"cannot count ClickHouse rows: {err}")

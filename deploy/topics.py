@@ -47,17 +47,22 @@ class TopicMismatchError(RuntimeError):
 
 @dataclass(frozen=True)
 class TopicSpec:
-    """A topic to create; ``retention_ms`` None keeps the broker default, -1 keeps forever."""
+    """A topic to create; ``retention_ms`` None keeps the broker default, -1 keeps forever.
+    ``compacted``: keep the newest record of each key (a table's changelog), made with
+    ``cleanup.policy=compact`` and no time limit."""
 
     name: str
     partitions: int
     retention_ms: int | None
+    compacted: bool = False
 
     def __post_init__(self) -> None:
         if self.partitions < 1:
             raise ValueError(f"topic {self.name!r}: partitions must be at least 1")
         if self.retention_ms is not None and self.retention_ms != -1 and self.retention_ms <= 0:
             raise ValueError(f"topic {self.name!r}: retention_ms must be positive, -1 or None")
+        if self.compacted and self.retention_ms is not None:
+            raise ValueError(f"topic {self.name!r}: a compacted topic keeps no time limit")
 
 
 def ensure_topics(bootstrap: str, topics: Sequence[TopicSpec], *, timeout_s: float = 30.0) -> None:
@@ -110,6 +115,8 @@ def _ensure_topics(bootstrap: str, topics: Sequence[TopicSpec], timeout_s: float
 
 def _creation_request(spec: TopicSpec) -> dict[str, object]:
     configs = {}
+    if spec.compacted:
+        configs[_CLEANUP_POLICY] = "compact"
     if spec.retention_ms is not None:
         configs[_RETENTION] = str(spec.retention_ms)
         if spec.retention_ms != -1:

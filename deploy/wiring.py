@@ -8,8 +8,9 @@ from typing import Final
 
 import orjson
 
+from deploy.daily_keys import DailyKeyError, DailyKeyStore
 from deploy.kafka import TopicSpec
-from deploy.keys import KeyRingError, key_ring_signature, read_key_ring
+from deploy.keys import KeyRingError, file_signature, read_key_ring
 from deploy.settings import Settings, SettingsError
 from producers.collector.app import CollectorConfig
 from producers.collector.apps import AppRegistry, AppsError
@@ -22,7 +23,9 @@ from sinks.consumer import SinkConfig
 from sinks.query_service import RemoteClickHouse
 from streams.app import StreamConfig
 from streams.enrich import GeoLookup, Lookups
-from streams.pseudonymize import HmacKey, Pseudonymizer
+from streams.pseudonymize import Pseudonymizer
+from streams.quality import QualityThresholds
+from streams.sessions import SessionRules
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,8 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(names.raw, settings.raw_partitions, raw_retention),
         TopicSpec(names.enriched, settings.raw_partitions, topics.ENRICHED_RETENTION_MS),
         TopicSpec(names.dead, 1, topics.DEAD_RETENTION_MS),
+        TopicSpec(names.recent_event_ids_changelog, settings.raw_partitions, None, compacted=True),
+        TopicSpec(names.sessions_changelog, settings.raw_partitions, None, compacted=True),
     ]
 
 
@@ -97,7 +102,11 @@ class CurrentLookups:
     """The stream step's lookups, with the key ring read again when its file changes (looked
     at at most every ``check_interval_s``), so `tally keys rotate` and `tally keys destroy`
     reach a running worker without a restart. A ring that turns unreadable keeps the last
-    one in use, with a warning; the worker never stops for it."""
+    one in use, with a warning; the worker never stops for it.
+
+    ``anonymous`` consent takes its keys from the daily key store (deploy/daily_keys.py),
+    whose days past lateness are destroyed on start and at each of these checks: by
+    whichever worker comes first, the others then take up the new file."""
 
     def __init__(
         self,
@@ -105,42 +114,81 @@ class CurrentLookups:
         *,
         check_interval_s: float = KEY_RING_CHECK_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
         self._geo = GeoLookup(settings.geoip_path)
         self._interval = check_interval_s
         self._clock = clock
         self._watched = settings.hmac_key is None
-        self._signature = key_ring_signature(settings.hmac_key_path) if self._watched else None
-        self._lookups = self._build(settings.hmac_keys()[0])
+        self._signature = file_signature(settings.hmac_key_path) if self._watched else None
+        self._active = settings.hmac_keys()[0]
+        try:
+            self._daily = DailyKeyStore(
+                settings.daily_keys_path, settings.allowed_lateness_s, clock=wall_clock
+            )
+        except DailyKeyError as err:
+            raise SettingsError(f"TALLY_DAILY_KEYS_FILE: {err}") from None
+        self._daily_problem = ""
+        self._destroy_finished_days()
+        self._lookups = self._build()
         self._next_check = clock() + check_interval_s
 
-    def _build(self, key: HmacKey) -> Lookups:
-        pseudonymizer = Pseudonymizer(key)
+    def _build(self) -> Lookups:
+        pseudonymizer = Pseudonymizer(self._active, self._daily.key_for)
+        self._built_generation = self._daily.generation
         return Lookups(
             pseudonymize_id=pseudonymizer.pseudonymize_id,
-            key_id=key.key_id,
+            key_id=self._active.key_id,
             locate=self._geo.locate,
+            anonymous_key_id=pseudonymizer.anonymous_key_id,
         )
 
     def __call__(self) -> Lookups:
-        if not self._watched or self._clock() < self._next_check:
+        if self._clock() < self._next_check:
             return self._lookups
         self._next_check = self._clock() + self._interval
+        self._destroy_finished_days()
+        if self._watched:
+            self._reload_ring()
+        if self._daily.generation != self._built_generation:
+            self._lookups = self._build()
+        return self._lookups
+
+    def _reload_ring(self) -> None:
         path = self._settings.hmac_key_path
-        signature = key_ring_signature(path)
+        signature = file_signature(path)
         if signature == self._signature:
-            return self._lookups
+            return
         self._signature = signature
         try:
             active = read_key_ring(path)[0].key
         except KeyRingError as err:
-            log.warning("key ring not reloaded, keeping key %s: %s", self._lookups.key_id, err)
-            return self._lookups
-        if active.key_id != self._lookups.key_id:
+            log.warning("key ring not reloaded, keeping key %s: %s", self._active.key_id, err)
+            return
+        if active.key_id != self._active.key_id:
             log.info("key ring reloaded: new events are pseudonymized with %s", active.key_id)
-        self._lookups = self._build(active)
-        return self._lookups
+        self._active = active
+        self._lookups = self._build()
+
+    def _destroy_finished_days(self) -> None:
+        """Destroy the anonymous keys of days past lateness; a failure is logged once (until
+        it changes) and tried again at the next check."""
+        try:
+            destroyed = self._daily.destroy_expired()
+        except (OSError, DailyKeyError) as err:
+            problem = str(err)
+            if problem != self._daily_problem:
+                log.error("daily keys not checked for days to destroy: %s", problem)
+            self._daily_problem = problem
+            return
+        self._daily_problem = ""
+        if destroyed:
+            log.info(
+                "destroyed the anonymous keys of %s: those days' pseudonyms can no longer be"
+                " linked to anyone",
+                ", ".join(destroyed),
+            )
 
 
 def stream_config(settings: Settings, bootstrap: str) -> StreamConfig:
@@ -149,9 +197,25 @@ def stream_config(settings: Settings, bootstrap: str) -> StreamConfig:
         topics=topic_names(settings),
         app_id=f"{settings.topic_namespace}tally-streams",
         batch_size=settings.stream_batch_size,
+        partitions=settings.raw_partitions,
+        dedupe_window_s=settings.dedupe_window_s,
+        dedupe_max_ids=settings.dedupe_max_ids,
+        session_rules=SessionRules(
+            silence_timeout_s=settings.session_silence_timeout_s,
+            allowed_lateness_s=settings.allowed_lateness_s,
+            thresholds=QualityThresholds(
+                poor_rtt_ms=settings.quality_poor_rtt_ms,
+                poor_jitter_ms=settings.quality_poor_jitter_ms,
+                poor_loss_pct=settings.quality_poor_loss_pct,
+                fair_rtt_ms=settings.quality_fair_rtt_ms,
+                fair_jitter_ms=settings.quality_fair_jitter_ms,
+                fair_loss_pct=settings.quality_fair_loss_pct,
+            ),
+        ),
         refusal_alarm_share=settings.dead_letter_alarm_share,
         refusal_alarm_window_s=settings.dead_letter_alarm_window_s,
         refusal_alarm_min_events=settings.dead_letter_alarm_min_events,
+        refusal_pause_s=settings.dead_letter_alarm_pause_s,
         session_timeout_s=settings.session_timeout_s,
         state_dir=str(settings.state_dir / "faust"),
         compression_type=settings.kafka_compression_type,

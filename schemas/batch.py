@@ -182,9 +182,13 @@ def _event_in_batch(obj: Any, batch: BatchV1) -> Envelope:
         raise InvalidEvent(ReasonCode.MALFORMED_JSON)
     if _encoded_size(obj) > MAX_EVENT_BYTES:
         raise InvalidEvent(ReasonCode.TOO_LARGE)
-    stamps = {"ip": batch.ip, "collector_time_ms": batch.collector_time_ms}
-    missing = {k: v for k, v in stamps.items() if v is not None and obj.get(k) is None}
-    event = validate_event_object({**obj, **missing} if missing else obj, received_ms=None)
+    if (batch.ip is not None and obj.get("ip") is None) or obj.get("collector_time_ms") is None:
+        obj = {**obj}
+        if batch.ip is not None and obj.get("ip") is None:
+            obj["ip"] = batch.ip
+        if obj.get("collector_time_ms") is None:
+            obj["collector_time_ms"] = batch.collector_time_ms
+    event = validate_event_object(obj, received_ms=None)
     if event.app_id != batch.app_id:
         raise InvalidEvent(ReasonCode.APP_MISMATCH, "app_id", event.event_type)
     return event
@@ -279,3 +283,16 @@ def encode_batch_objects(
     if len(raw) > MAX_BATCH_BYTES:
         raise InvalidBatch(ReasonCode.TOO_LARGE, "events")
     return raw
+
+
+def join_enriched_records(values: Sequence[bytes]) -> bytes:
+    """One enriched-topic message from several encoded records: a JSON array. The stream
+    step sends one such message per raw batch, so Kafka's per-message cost is paid once."""
+    return b"[" + b",".join(values) + b"]"
+
+
+def split_enriched_message(raw: bytes) -> list[Any]:
+    """The records of one enriched-topic message: a JSON array of them, or one record alone
+    (what earlier workers wrote). Raises orjson.JSONDecodeError when it is not JSON."""
+    decoded = orjson.loads(raw)
+    return decoded if isinstance(decoded, list) else [decoded]

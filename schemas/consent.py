@@ -16,8 +16,10 @@ class Consent(StrEnum):
     referrer domain; browser, OS and device class."""
 
     ANONYMOUS = "anonymous"
-    """Counted, but not linkable beyond one UTC day: ids are HMAC'd together with the day,
-    so no stable id survives. Country only (no region); referrer domain kept."""
+    """Counted, but not linkable beyond one UTC day: ids are HMAC'd under a random key of
+    their UTC day, destroyed once the day is past the allowed lateness, after which nobody
+    (the operator included) can link or recompute them. Country only (no region); referrer
+    domain kept."""
 
     NONE = "none"
     """Only what operating the service needs (privacy statement, "Collection of Personal

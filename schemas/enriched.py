@@ -1,5 +1,8 @@
 """The enriched event: what leaves the stream step, travels on the enriched topic and becomes
 one ClickHouse row. It holds no raw id, no IP, no user agent and no full URL by construction.
+
+Records the stream step derives (``schemas.summaries``) travel and are stored the same way,
+with the columns of their own declaration.
 """
 
 from functools import cache
@@ -8,6 +11,7 @@ from typing import Annotated, Any, Final
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from schemas.events import CH, EVENT_MODELS, EVENT_TYPES, specific_fields
+from schemas.summaries import OUTPUT_MODELS
 
 Pseudonym = Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{64})?$"), CH("String")]
 """Hex HMAC-SHA256, or '' where consent keeps no id."""
@@ -62,10 +66,15 @@ def _columns_of(event_type: str) -> tuple[tuple[str, str], ...]:
 
 
 ENRICHED_COLUMNS: Final[dict[str, tuple[tuple[str, str], ...]]] = {
-    t: _columns_of(t) for t in EVENT_TYPES
+    **{t: _columns_of(t) for t in EVENT_TYPES},
+    **{
+        t: tuple((n, _clickhouse_type(m, n)) for n in m.model_fields)
+        for t, m in OUTPUT_MODELS.items()
+    },
 }
 """(column, ClickHouse type) per event type: envelope columns, then the type's own fields
-across all its versions (later versions only add optional fields)."""
+across all its versions (later versions only add optional fields); a derived record's are
+its declaration's fields."""
 
 
 def table_name(event_type: str) -> str:
@@ -84,4 +93,8 @@ def check_enriched(record: dict[str, Any]) -> None:
     expected = enriched_fields(record["event_type"])
     if tuple(record) != expected:
         raise ValueError(f"enriched {record['event_type']} has fields out of contract")
-    EnrichedEnvelope.model_validate({k: record[k] for k in EnrichedEnvelope.model_fields})
+    derived = OUTPUT_MODELS.get(record["event_type"])
+    if derived is not None:
+        derived.model_validate(record)
+    else:
+        EnrichedEnvelope.model_validate({k: record[k] for k in EnrichedEnvelope.model_fields})

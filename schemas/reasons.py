@@ -21,6 +21,7 @@ class ReasonCode(StrEnum):
     CONSENT_WITHDRAWN = "consent_withdrawn"
     PROCESSING_ERROR = "processing_error"
     APP_MISMATCH = "app_mismatch"
+    TOO_LATE = "too_late"
 
 
 REASON_DESCRIPTIONS: dict[ReasonCode, str] = {
@@ -48,5 +49,9 @@ REASON_DESCRIPTIONS: dict[ReasonCode, str] = {
     ReasonCode.APP_MISMATCH: (
         "the event's app_id is not the app of the request (of its key, or of the request's "
         "first event)"
+    ),
+    ReasonCode.TOO_LATE: (
+        "an event later than TALLY_ALLOWED_LATENESS_S allows: its session was already "
+        "summarized, or (by client time) it happened longer ago than that"
     ),
 }

@@ -27,7 +27,6 @@ from zoneinfo import ZoneInfo
 
 import orjson
 import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type information
-from chdb import session as chdb_session
 from clickhouse_driver import Client
 from clickhouse_driver import errors as driver_errors
 
@@ -146,6 +145,10 @@ class EmbeddedClickHouse(_ClosesOnExit):
         self._session: Any = None
         path.mkdir(parents=True, exist_ok=True)
         self._owner = _own_folder(path, wait_s)
+        # Imported here: the engine maps about 250 MB, which processes that never open
+        # embedded ClickHouse (the stream worker, the collector) should not pay.
+        from chdb import session as chdb_session
+
         try:
             # chdb's Session.__init__ has no annotations.
             self._session = chdb_session.Session(str(path))  # type: ignore[no-untyped-call]

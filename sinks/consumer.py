@@ -18,12 +18,16 @@ import orjson
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import CommitFailedError, GroupIdNotFoundError, KafkaError, for_code
 
+from schemas.batch import split_enriched_message
 from schemas.dead_letter import dead_letter
 from schemas.reasons import ReasonCode
+from schemas.summaries import OUTPUT_MODELS
 from schemas.topics import TopicNames
 from sinks.writer import ClickHouseWriter, RecordOutOfContract, to_row
 
 log = logging.getLogger(__name__)
+
+SUMMARY_TYPE = next(iter(OUTPUT_MODELS))
 
 _CLOSE_TIMEOUT_S = 5
 
@@ -118,6 +122,8 @@ class EnrichedSink:
         """Rows inserted: each event once (a replayed one is not inserted again)."""
         self.messages_done = 0
         """Messages written, skipped as already stored, or dead-lettered, and committed."""
+        self.records_done = 0
+        """The records (events, summaries) in them: an enriched message holds several."""
         self.dead_letters = 0
         self.first_write_at: float | None = None
         # Joining before the group's coordinator is up, or before this consumer knows the
@@ -160,6 +166,12 @@ class EnrichedSink:
         self._producer.send(self.config.topics.dead, letter)
         self.dead_letters += 1
 
+    @property
+    def event_rows_written(self) -> int:
+        """Rows of client events inserted: ``rows_written`` without the session summaries
+        the stream step adds."""
+        return self.rows_written - self.writer.written_by_type[SUMMARY_TYPE]
+
     def poll_batch(self) -> list[Any]:
         """Collect up to one batch of messages, waiting at most the batch interval."""
         deadline = time.monotonic() + self.config.batch_interval_s
@@ -179,20 +191,23 @@ class EnrichedSink:
         """Insert a batch, retrying with backoff until it succeeds or ``stop`` is set, then
         commit. Returns rows written (0 if stopped before the insert succeeded)."""
         grouped: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+        done_here = 0
         for message in messages:
             try:
-                record = orjson.loads(message.value)
+                records = split_enriched_message(message.value)
             except (orjson.JSONDecodeError, TypeError):
-                record = None
-            if not isinstance(record, dict):
-                self._dead_letter(message, ReasonCode.MALFORMED_JSON)
-                continue
-            try:
-                event_type, row = to_row(record)
-            except RecordOutOfContract:
-                self._dead_letter(message, ReasonCode.INVALID_FIELD, record.get("event_type"))
-                continue
-            grouped[event_type].append(row)
+                records = [None]
+            done_here += len(records)
+            for record in records:
+                if not isinstance(record, dict):
+                    self._dead_letter(message, ReasonCode.MALFORMED_JSON)
+                    continue
+                try:
+                    event_type, row = to_row(record)
+                except RecordOutOfContract:
+                    self._dead_letter(message, ReasonCode.INVALID_FIELD, record.get("event_type"))
+                    continue
+                grouped[event_type].append(row)
         backoff = 0.2
         while True:
             try:
@@ -212,6 +227,7 @@ class EnrichedSink:
             # batch, and the tables keep one row per event id, so this is no loss.
             log.warning("offsets not committed after a rebalance; the batch will be replayed")
         self.messages_done += len(messages)
+        self.records_done += done_here
         log.debug("wrote %d rows from %d messages", written, len(messages))
         if written and self.first_write_at is None:
             self.first_write_at = time.time()

@@ -65,6 +65,7 @@ class Migration:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "event_tables", lambda _: [event_table_ddl(t) for t in EVENT_TYPES]),
     Migration(2, "quality_sample_v2", add_declared_columns),
+    Migration(3, "session_summary", lambda _: [event_table_ddl("session_summary")]),
 )
 
 

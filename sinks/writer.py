@@ -1,6 +1,6 @@
 """ClickHouseWriter: enriched records to rows, one insert per table per batch."""
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -66,6 +66,8 @@ class ClickHouseWriter:
     def __init__(self, backend: ClickHouseBackend) -> None:
         self.backend = backend
         self.duplicates_skipped = 0
+        self.written_by_type: Counter[str] = Counter()
+        """Rows inserted, by event type (``session_summary`` for the stream's summaries)."""
 
     def write(self, rows_by_type: Mapping[str, list[tuple[Any, ...]]]) -> int:
         """Insert the rows not stored yet, grouped by event type; returns how many were
@@ -78,6 +80,7 @@ class ClickHouseWriter:
                 columns = [name for name, _ in ENRICHED_COLUMNS[event_type]]
                 self.backend.insert(table_name(event_type), columns, fresh)
                 written += len(fresh)
+                self.written_by_type[event_type] += len(fresh)
         return written
 
     def _not_stored(self, event_type: str, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:

@@ -8,7 +8,7 @@ cut to its domain. Nothing here touches Kafka, so it is unit-tested directly.
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 from urllib.parse import urlsplit
@@ -26,8 +26,8 @@ from user_agents.parsers import (
 )
 
 from schemas.consent import Consent
-from schemas.enriched import enriched_fields
-from schemas.events import Envelope, specific_fields
+from schemas.enriched import EnrichedEnvelope, enriched_fields
+from schemas.events import Envelope
 
 
 class Agent(NamedTuple):
@@ -115,6 +115,7 @@ class GeoLookup:
         self._reader.close()
 
 
+@lru_cache(maxsize=4096)
 def referrer_domain(url: str | None) -> str:
     """The referring site's host, without ``www.``; path, query and credentials are dropped."""
     if not url:
@@ -126,24 +127,33 @@ def referrer_domain(url: str | None) -> str:
     return host.removeprefix("www.")[:253]
 
 
+def _no_anonymous_key(day: str) -> str:
+    return ""
+
+
 @dataclass(frozen=True)
 class Lookups:
     """What enrichment consults besides the event itself."""
 
     pseudonymize_id: Callable[[str | None, Consent, str], str]
     key_id: str
+    """The ring key's id: behind ``full`` consent's pseudonyms."""
     locate: Callable[[str], Place]
+    anonymous_key_id: Callable[[str], str] = _no_anonymous_key
+    """The id of a UTC day's key, behind that day's ``anonymous`` pseudonyms ('' when the day
+    has none: the pseudonymizer then makes none either)."""
 
 
 def enrich(event: Envelope, received_ms: int, lookups: Lookups) -> dict[str, Any]:
     """The enriched record of a validated event, with exactly its type's columns."""
     consent = Consent(event.consent)
     event_time = event.client_time_ms // 1000
-    day = (
-        datetime.fromtimestamp(event_time, UTC).strftime("%Y-%m-%d")
-        if consent is Consent.ANONYMOUS
-        else ""
-    )
+    if consent is Consent.ANONYMOUS:
+        day = datetime.fromtimestamp(event_time, UTC).strftime("%Y-%m-%d")
+        key_id = lookups.anonymous_key_id(day)
+    else:
+        day = ""
+        key_id = lookups.key_id if consent is Consent.FULL else ""
     if event.user_agent:
         agent = parse_user_agent(event.user_agent)
     else:
@@ -151,7 +161,7 @@ def enrich(event: Envelope, received_ms: int, lookups: Lookups) -> dict[str, Any
     place = lookups.locate(event.ip) if event.ip else NOWHERE
     if consent is not Consent.FULL:
         place = Place(place.country_code, "")
-    record: dict[str, Any] = {
+    record: dict[str, Any] = {  # in EnrichedEnvelope's order: the table's column order
         "event_id": event.event_id,
         "event_type": event.event_type,
         "schema_version": event.schema_version,
@@ -161,7 +171,7 @@ def enrich(event: Envelope, received_ms: int, lookups: Lookups) -> dict[str, Any
         "channel": event.channel,
         "software_version": event.software_version,
         "consent": consent.value,
-        "key_id": lookups.key_id if consent is not Consent.NONE else "",
+        "key_id": key_id,
         "user_pseudonym": lookups.pseudonymize_id(event.user_id, consent, day),
         "session_pseudonym": lookups.pseudonymize_id(event.session_id, consent, day),
         "browser_family": event.browser_family or agent.browser_family,
@@ -173,6 +183,16 @@ def enrich(event: Envelope, received_ms: int, lookups: Lookups) -> dict[str, Any
         "region_code": place.region_code,
         "referrer_domain": "" if consent is Consent.NONE else referrer_domain(event.referrer),
     }
-    for name in specific_fields(type(event)):
-        record[name] = getattr(event, name)
-    return {name: record.get(name) for name in enriched_fields(event.event_type)}
+    for name in _type_columns(event.event_type):
+        record[name] = getattr(event, name, None)
+    return record
+
+
+_ENVELOPE_COLUMNS: Final = len(EnrichedEnvelope.model_fields)
+
+
+@cache
+def _type_columns(event_type: str) -> tuple[str, ...]:
+    """A type's own columns, after the envelope's: the fields of all its versions, in table
+    order (a field an older version lacks is None)."""
+    return enriched_fields(event_type)[_ENVELOPE_COLUMNS:]

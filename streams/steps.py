@@ -9,18 +9,23 @@ Pure and total: whatever the bytes, it returns outcomes and never raises, so one
 can neither vanish nor stop a worker.
 """
 
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Final, Literal
 
 import orjson
 
-from schemas.batch import decode_message
+from schemas.batch import decode_message, join_enriched_records
+from schemas.consent import Consent
 from schemas.dead_letter import dead_letter
 from schemas.events import Envelope
 from schemas.reasons import ReasonCode
 from schemas.validation import InvalidEvent, decode_event
 from streams.dedupe import RecentEventIds
 from streams.enrich import Lookups, Place, enrich
+
+MAX_ENRICHED_MESSAGE_BYTES: Final = 256 * 1024
+"""Most bytes of records joined into one enriched message, well under Kafka's default
+message.max.bytes (1 MiB) however many summaries a quiet spell closes at once."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,21 @@ class Outcome:
     key: bytes | None
     value: bytes
     reason: ReasonCode | None = None
+    record: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    """The enriched record that ``value`` encodes, for the stateful steps after this one."""
+    received_ms: int = field(default=0, compare=False)
+    """When the event reached Tally (collector, else Kafka): the sessions' clock."""
+    index: int | None = field(default=None, compare=False)
+    """The event's index in its batch; None for a single event."""
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message to send: several enriched records joined, or one dead letter."""
+
+    destination: Literal["enriched", "dead"]
+    key: bytes | None
+    value: bytes
 
 
 @dataclass(frozen=True)
@@ -80,7 +100,7 @@ def _judge(
         value = orjson.dumps(record)
     except Exception:  # a bug must cost one event, not the worker; the reason says so
         return _dead(origin, ReasonCode.PROCESSING_ERROR, None, item.event_type, index)
-    return Outcome("enriched", key, value)
+    return Outcome("enriched", key, value, None, record, received_ms, index)
 
 
 def validate_and_enrich(
@@ -99,10 +119,12 @@ def validate_and_enrich(
     return _judge(item, origin, lookups, recent, None)
 
 
-def _locating_once_per_address(lookups: Lookups) -> Lookups:
-    """The lookups with the geo lookup made once per distinct IP: a batch's events share the
-    address stamped on its envelope."""
+def _once_per_message(lookups: Lookups) -> Lookups:
+    """The lookups with the geo lookup made once per distinct IP and each pseudonym once per
+    distinct id: a batch's events share the address stamped on its envelope, and one
+    client's user and session ids."""
     places: dict[str, Place] = {}
+    pseudonyms: dict[tuple[str | None, Consent, str], str] = {}
 
     def locate(ip: str) -> Place:
         place = places.get(ip)
@@ -110,7 +132,14 @@ def _locating_once_per_address(lookups: Lookups) -> Lookups:
             place = places[ip] = lookups.locate(ip)
         return place
 
-    return replace(lookups, locate=locate)
+    def pseudonymize_id(raw_id: str | None, consent: Consent, day: str) -> str:
+        asked = (raw_id, consent, day)
+        pseudonym = pseudonyms.get(asked)
+        if pseudonym is None:
+            pseudonym = pseudonyms[asked] = lookups.pseudonymize_id(raw_id, consent, day)
+        return pseudonym
+
+    return replace(lookups, locate=locate, pseudonymize_id=pseudonymize_id)
 
 
 def outcomes_of_message(
@@ -130,7 +159,40 @@ def outcomes_of_message(
         return [_dead(origin, ReasonCode.PROCESSING_ERROR)]
     if not decoded.batched:
         return [_judge(decoded.events[0], origin, lookups, recent, None)]
-    lookups = _locating_once_per_address(lookups)
+    lookups = _once_per_message(lookups)
     return [
         _judge(item, origin, lookups, recent, index) for index, item in enumerate(decoded.events)
     ]
+
+
+def outgoing_messages(
+    outcomes: list[Outcome], max_bytes: int = MAX_ENRICHED_MESSAGE_BYTES
+) -> list[Outgoing]:
+    """The messages to send for one raw message's outcomes (or a timer's summaries): the
+    enriched records joined, as few messages as keep each under ``max_bytes`` (each keyed by
+    its first record's key), then each dead letter alone."""
+    messages = []
+    chunk: list[Outcome] = []
+    size = 0
+    for outcome in outcomes:
+        if outcome.destination != "enriched":
+            continue
+        if chunk and size + len(outcome.value) + 1 > max_bytes:
+            messages.append(_joined(chunk))
+            chunk, size = [], 0
+        chunk.append(outcome)
+        size += len(outcome.value) + 1
+    if chunk:
+        messages.append(_joined(chunk))
+    messages.extend(Outgoing("dead", o.key, o.value) for o in outcomes if o.destination == "dead")
+    return messages
+
+
+def _joined(chunk: list[Outcome]) -> Outgoing:
+    return Outgoing("enriched", chunk[0].key, join_enriched_records([o.value for o in chunk]))
+
+
+def refused_after_enrichment(outcome: Outcome, origin: Origin, reason: ReasonCode) -> Outcome:
+    """The dead letter of an event a later step (its session) refused after enriching it."""
+    event_type = outcome.record["event_type"] if outcome.record else None
+    return _dead(origin, reason, None, event_type, outcome.index)

@@ -132,6 +132,8 @@ def test_services_restart_after_sigkill_and_every_event_lands_once(state_dir: Pa
         shown = orjson.loads(status.stdout)
         restarts = {s["name"]: s["restarts"] for s in shown["services"]}
         assert restarts == {"sink": 1, "worker": 1, "collector": 0}
+        sessions = {e.session_id for e in events[:sent] if e.session_id}
+        assert shown["rows"].pop("session_summary_events") <= len(sessions)
         assert sum(shown["rows"].values()) == sent
         report = tally(state_dir, "report")
         assert report.returncode == 0 and "total" in report.stdout, report.stderr

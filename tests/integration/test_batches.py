@@ -5,7 +5,7 @@ a rejected value, a raw id or the IP."""
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ from deploy.kafka import ensure_topics
 from deploy.run import stream_worker
 from deploy.settings import Settings, load_settings
 from deploy.wiring import topic_names, topic_specs
-from schemas.batch import encode_batch
+from schemas.batch import encode_batch, split_enriched_message
 from schemas.events import EVENT_MODELS, Envelope
 from schemas.examples import EXAMPLES
 from schemas.validation import encode_event
@@ -34,13 +34,16 @@ Message = tuple[bytes | None, bytes]
 
 
 def _event(event_type: str, **changes: Any) -> Envelope:
-    """A valid event with fresh ids and no stamps of its own, as a client sends it."""
+    """A valid event with fresh ids and no stamps of its own, as a client sends it; each
+    session event in a session of its own, so that none is judged against another's."""
     fields = {
         **EXAMPLES[event_type],
         "event_id": str(uuid.uuid4()),
         "user_id": f"u-zq7-{uuid.uuid4().hex[:10]}",
         **changes,
     }
+    if fields.get("session_id"):
+        fields["session_id"] = f"s-{uuid.uuid4().hex[:12]}"
     for stamp in ("ip", "collector_time_ms"):
         fields.pop(stamp, None)
     return EVENT_MODELS[(event_type, fields["schema_version"])].model_validate(fields)
@@ -73,9 +76,11 @@ class BatchRun:
     settings: Settings
     sent: list[tuple[Sent, int, int]]  # with its partition and offset on the raw topic
     enriched: list[Message]
+    """One (key, record) per enriched event."""
     dead: list[Message]
     raw_user_ids: list[str]
     collector_time_ms: int
+    enriched_messages: list[Message]
 
 
 def _messages(now_ms: int) -> tuple[list[Sent], list[str]]:
@@ -132,21 +137,30 @@ def _messages(now_ms: int) -> tuple[list[Sent], list[str]]:
     return sent, raw_ids
 
 
-def _read(topic: str, bootstrap: str, count: int, worker: Any) -> list[Message]:
-    """Every message on ``topic`` once ``count`` have come and the topic stayed quiet for
-    SETTLE_S, so that one too many is seen; polls with a deadline."""
+def _read(
+    topic: str,
+    bootstrap: str,
+    count: int,
+    worker: Any,
+    records_in: Callable[[bytes], int] = lambda _: 1,
+) -> list[Message]:
+    """Every message on ``topic`` once ``count`` records have come (``records_in`` counts a
+    message's) and the topic stayed quiet for SETTLE_S, so that one too many is seen; polls
+    with a deadline."""
     consumer = KafkaConsumer(
         topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=500
     )
     messages: list[Message] = []
+    records = 0
     deadline = time.monotonic() + DEADLINE_S
     quiet_since: float | None = None
     try:
         while time.monotonic() < deadline:
             before = len(messages)
             messages.extend((m.key, m.value) for m in consumer)
+            records += sum(records_in(value) for _, value in messages[before:])
             assert worker.poll() is None, "stream worker exited"
-            if len(messages) < count or len(messages) > before:
+            if records < count or len(messages) > before:
                 quiet_since = None
                 continue
             quiet_since = quiet_since or time.monotonic()
@@ -154,7 +168,7 @@ def _read(topic: str, bootstrap: str, count: int, worker: Any) -> list[Message]:
                 break
     finally:
         consumer.close()
-    assert len(messages) >= count, f"{len(messages)} of {count} messages on {topic}"
+    assert records >= count, f"{records} of {count} records on {topic}"
     return messages
 
 
@@ -183,22 +197,53 @@ def batch_run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) ->
             meta = producer.send(topics.raw, message.value, key=message.key).get(timeout=30)
             placed.append((message, meta.partition, meta.offset))
         producer.close()
-        enriched = _read(
-            topics.enriched, kafka_bootstrap, sum(len(s.valid_ids) for s in sent), worker
+        enriched_messages = _read(
+            topics.enriched,
+            kafka_bootstrap,
+            sum(len(s.valid_ids) for s in sent),
+            worker,
+            lambda value: len(split_enriched_message(value)),
         )
         dead = _read(topics.dead, kafka_bootstrap, sum(len(s.letters) for s in sent), worker)
-    yield BatchRun(settings, placed, enriched, dead, raw_ids, now_ms)
+    enriched = [
+        (key, orjson.dumps(record))
+        for key, value in enriched_messages
+        for record in split_enriched_message(value)
+    ]
+    yield BatchRun(settings, placed, enriched, dead, raw_ids, now_ms, enriched_messages)
 
 
 def test_exactly_the_valid_events_are_enriched(batch_run: BatchRun):
     """The enriched topic holds each valid event of every batch and single message once,
     and nothing else; batch events carry the envelope's time and the country of its IP."""
-    ids = sorted(orjson.loads(value)["event_id"] for _, value in batch_run.enriched)
+    ids = sorted(
+        record["event_id"]
+        for record in (orjson.loads(value) for _, value in batch_run.enriched)
+        if record["event_type"] != "session_summary"
+    )
     assert ids == sorted(i for s, _, _ in batch_run.sent for i in s.valid_ids)
     for _, value in batch_run.enriched:  # every event was stamped by the collector alone
         record = orjson.loads(value)
         assert record["country_code"] == "GB"
         assert record["received_time"] == batch_run.collector_time_ms // 1000
+
+
+def test_each_raw_message_leaves_whole_in_one_enriched_message(batch_run: BatchRun):
+    """The valid events of one raw message leave together, in their batch's order, inside one
+    enriched message (which may hold other messages' records too): the per-message cost is
+    paid once per batch of messages, not once per event."""
+    leaving = [
+        [record["event_id"] for record in split_enriched_message(value)]
+        for _, value in batch_run.enriched_messages
+    ]
+    assert len(leaving) < sum(1 for s, _, _ in batch_run.sent if s.valid_ids)
+    for sent, _, _ in batch_run.sent:
+        if sent.valid_ids:
+            assert any(
+                ids[i : i + len(sent.valid_ids)] == sent.valid_ids
+                for ids in leaving
+                for i in range(len(ids))
+            ), sent.valid_ids
 
 
 def test_each_invalid_event_is_one_dead_letter_with_its_index(batch_run: BatchRun):

@@ -27,6 +27,7 @@ from deploy.run import stream_worker
 from deploy.settings import Settings, load_settings
 from deploy.wiring import sink_config, topic_names, topic_specs
 from producers.sdk import TallyProducer, prepare_event
+from schemas.batch import split_enriched_message
 from schemas.enriched import table_name
 from schemas.events import Envelope
 from schemas.examples import EXAMPLES
@@ -96,19 +97,23 @@ def kcat_read(kcat: str, bootstrap: str, topic: str) -> list[bytes]:
     return done.stdout.splitlines()
 
 
-def kafka_python_read(bootstrap: str, topic: str, count: int) -> list[bytes]:
-    """At least ``count`` values of ``topic``, read by kafka-python (fails at the deadline)."""
+def kafka_python_read(
+    bootstrap: str, topic: str, count: int, records_in: Callable[[bytes], int] = lambda _: 1
+) -> list[bytes]:
+    """Values of ``topic`` holding at least ``count`` records (``records_in`` counts a
+    value's), read by kafka-python (fails at the deadline)."""
     consumer = KafkaConsumer(
         topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=500
     )
     values: list[bytes] = []
     deadline = time.monotonic() + DEADLINE_S
     try:
-        while len(values) < count and time.monotonic() < deadline:
+        while sum(map(records_in, values)) < count and time.monotonic() < deadline:
             values.extend(message.value for message in consumer)
     finally:
         consumer.close()
-    assert len(values) >= count, f"{len(values)} of {count} messages on {topic}"
+    got = sum(map(records_in, values))
+    assert got >= count, f"{got} of {count} records on {topic}"
     return values
 
 
@@ -157,11 +162,15 @@ def produce_each_way(
 
 
 def new_events(now_ms: int) -> list[Envelope]:
-    """One event of each type, with fresh event ids, made and collected at ``now_ms``."""
+    """One event of each type, with fresh event ids (and each session event in a session of
+    its own), made and collected at ``now_ms``."""
     times = {"client_time_ms": now_ms, "collector_time_ms": now_ms}
     return [
         decode_event(
-            orjson.dumps({**example, "event_id": str(uuid.uuid4()), **times}),
+            orjson.dumps(
+                {**example, "event_id": str(uuid.uuid4()), **times}
+                | ({"session_id": f"s-{uuid.uuid4().hex[:12]}"} if "session_id" in example else {})
+            ),
             received_ms=None,
         )
         for example in EXAMPLES.values()
@@ -173,7 +182,9 @@ def sdk_key(event: Envelope) -> bytes:
 
 
 def event_ids(values: list[bytes]) -> Counter[str]:
-    return Counter(orjson.loads(value)["event_id"] for value in values)
+    return Counter(
+        record["event_id"] for value in values for record in split_enriched_message(value)
+    )
 
 
 def stored_event_ids(backend: ClickHouseBackend) -> Counter[str]:
@@ -232,7 +243,9 @@ def raw_sent(
     with stream_worker(settings, kafka_bootstrap) as worker:
         raw_codecs = produce_each_way(kafka_bootstrap, topics.raw, kcat, messages, sdk_send)
         total = sum(len(step_events) for step_events in events.values())
-        enriched = kafka_python_read(kafka_bootstrap, topics.enriched, total)
+        enriched = kafka_python_read(
+            kafka_bootstrap, topics.enriched, total, lambda v: len(split_enriched_message(v))
+        )
         assert worker.poll() is None, "the stream worker exited"
         ids = {step: [e.event_id for e in step_events] for step, step_events in events.items()}
         yield RawSent(settings, worker, ids, raw_codecs, enriched)

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import orjson
 import pytest
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer
 
 from deploy.kafka import ensure_topics
 from deploy.run import stream_worker
 from deploy.settings import load_settings
 from deploy.wiring import topic_names, topic_specs
+from schemas.batch import split_enriched_message
 from schemas.examples import EXAMPLES
 
 pytestmark = pytest.mark.kafka
@@ -58,3 +59,62 @@ def test_a_flood_of_refusals_trips_the_dead_letter_limit(
     assert "ERROR" in line and "(top reasons: content_forbidden " in line
     assert "clock_skew" not in line, "the valid events were counted as refused"
     assert MARK not in text and "zq7" not in text
+
+
+def test_with_a_pause_configured_the_flood_waits_in_kafka(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """With TALLY_DEAD_LETTER_ALARM_PAUSE_S set, the tripped limit stops reading the raw
+    partitions: events sent meanwhile are enriched only after they are resumed."""
+    settings = load_settings(
+        {
+            "TALLY_STATE_DIR": str(tmp_path),
+            "TALLY_KAFKA_BOOTSTRAP": kafka_bootstrap,
+            "TALLY_TOPIC_NAMESPACE": f"t{uuid.uuid4().hex[:10]}.",
+            "TALLY_HMAC_KEY": f"k-dl:{bytes(range(32)).hex()}",
+            "TALLY_SESSION_TIMEOUT_S": "6",
+            "TALLY_DEAD_LETTER_ALARM_MIN_EVENTS": "50",
+            "TALLY_DEAD_LETTER_ALARM_PAUSE_S": "4",
+        }
+    )
+    ensure_topics(kafka_bootstrap, topic_specs(settings))
+    names = topic_names(settings)
+    now_ms = int(time.time() * 1000)
+    login = {k: v for k, v in EXAMPLES["login"].items() if k != "collector_time_ms"}
+    bad = [{**login, "event_id": str(uuid.uuid4()), "client_time_ms": now_ms, "note": MARK}
+           for _ in range(100)]  # fmt: skip
+    later = [{**login, "event_id": str(uuid.uuid4()), "client_time_ms": now_ms} for _ in range(5)]
+    log = tmp_path / "logs" / "worker.log"
+    enriched = KafkaConsumer(
+        names.enriched, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
+        consumer_timeout_ms=200,
+    )  # fmt: skip
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    with stream_worker(settings, kafka_bootstrap) as worker:
+
+        def wait_for_log(text: str) -> None:
+            deadline = time.monotonic() + DEADLINE_S
+            while text not in (log.read_text() if log.exists() else ""):
+                assert worker.poll() is None, "the stream worker exited"
+                assert time.monotonic() < deadline, f"the worker never logged {text!r}"
+                time.sleep(0.2)  # polling the worker's log against the deadline
+
+        for event in bad:
+            producer.send(names.raw, orjson.dumps(event))
+        producer.flush(timeout=30)
+        wait_for_log("reading paused for 4 s")
+        for event in later:
+            producer.send(names.raw, orjson.dumps(event))
+        producer.flush(timeout=30)
+        wanted = {event["event_id"] for event in later}
+        seen: set[str] = set()
+        deadline = time.monotonic() + DEADLINE_S
+        while not wanted <= seen:
+            assert time.monotonic() < deadline, "the events sent during the pause never came"
+            for message in enriched:
+                for record in split_enriched_message(message.value):
+                    seen.add(record["event_id"])
+                    assert "reading resumed" in log.read_text(), "an event was read while paused"
+        assert worker.poll() is None
+    producer.close()
+    enriched.close()

@@ -7,7 +7,6 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import orjson
 import pytest
 from kafka import KafkaConsumer
 
@@ -17,6 +16,7 @@ from deploy.run import stream_worker
 from deploy.settings import load_settings
 from deploy.wiring import KEY_RING_CHECK_INTERVAL_S, topic_names, topic_specs
 from producers.sdk import TallyProducer
+from schemas.batch import split_enriched_message
 from schemas.events import EVENT_MODELS
 from schemas.examples import EXAMPLES
 
@@ -65,8 +65,8 @@ def test_a_running_worker_takes_a_rotated_key_without_restart(
             ends = time.monotonic() + 1.0
             while time.monotonic() < ends:  # reading for a second, not sleeping
                 for message in consumer:
-                    record = orjson.loads(message.value)
-                    seen[record["event_id"]] = record["key_id"]
+                    for record in split_enriched_message(message.value):
+                        seen[record["event_id"]] = record["key_id"]
 
     try:
         with stream_worker(settings, kafka_bootstrap) as worker:

@@ -211,8 +211,13 @@ def kafka_loop_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     assert not failed, failed
 
 
+SPAN_MS = 20 * 60_000
+"""Client times over the last 20 minutes: well within the stream step's allowed lateness
+(1 h), however long the outages here keep the events back."""
+
+
 def workload(seed: int, end_ms: int, count: int) -> list[Envelope]:
-    return generate_workload(seed=seed, clients=60, events=count, end_ms=end_ms, span_ms=3_600_000)
+    return generate_workload(seed=seed, clients=60, events=count, end_ms=end_ms, span_ms=SPAN_MS)
 
 
 def raw_event_ids(settings: Settings, expected: set[str]) -> Counter[str]:
@@ -334,7 +339,7 @@ from schemas.topics import TopicNames
 
 target, namespace, spool, end_ms, count, codec, options, key = sys.argv[1:9]
 events = generate_workload(seed=22, clients=60, events=int(count), end_ms=int(end_ms),
-                           span_ms=3_600_000)
+                           span_ms=20 * 60_000)
 half = len(events) // 2
 if target.startswith("http"):
     sdk = TallyHttpClient(target, key, spool_path=Path(spool), **json.loads(options))
@@ -369,7 +374,7 @@ def test_events_spooled_when_the_host_exits_are_sent_by_its_next_start(
     settings = fresh_settings(broker, tmp_path / "state")
     spool, end_ms, count = tmp_path / "spool.db", int(time.time() * 1000), 400
     events = generate_workload(seed=22, clients=60, events=count, end_ms=end_ms,
-                               span_ms=3_600_000)  # fmt: skip
+                               span_ms=SPAN_MS)  # fmt: skip
     with transport_for(kind, settings, broker) as collector:
         options = SDK_OPTIONS if collector is None else HTTP_SDK_OPTIONS
         target = broker.bootstrap if collector is None else collector.url

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -17,11 +17,13 @@ import orjson
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
+from deploy.daily_keys import DailyKeys, read_daily_keys
 from deploy.kafka import ensure_topics
 from deploy.run import stream_worker
 from deploy.settings import Settings, load_settings
 from deploy.wiring import sink_config, topic_names, topic_specs
 from producers.sdk import TallyProducer
+from schemas.batch import split_enriched_message
 from schemas.enriched import ENRICHED_COLUMNS, table_name
 from schemas.events import EVENT_MODELS
 from schemas.examples import EXAMPLES
@@ -41,8 +43,8 @@ USER_AGENT = EXAMPLES["login"]["user_agent"]
 CONTENT_MARK = "zq7-see-you-at-nine-zq7"
 
 
-def pseudonym(message: str) -> str:
-    return hmac.new(HMAC_SECRET, message.encode(), hashlib.sha256).hexdigest()
+def pseudonym(message: str, secret: bytes = HMAC_SECRET) -> str:
+    return hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()
 
 
 def utc_day(ms: int) -> str:
@@ -60,16 +62,20 @@ class Sent:
     session_id: str
     client_time_ms: int
 
-    def expected_columns(self) -> dict[str, str]:
-        """What the consent level keeps of the ids, region and referrer (schemas/consent.py)."""
+    def expected_columns(self, daily: DailyKeys) -> dict[str, str]:
+        """What the consent level keeps of the ids, region and referrer (schemas/consent.py):
+        anonymous ids under the random key of their UTC day, never the long-lived one."""
         if self.consent == "none":
             return {"user_pseudonym": "", "session_pseudonym": "", "key_id": "",
                     "region_code": "", "referrer_domain": ""}  # fmt: skip
-        salt = f"{utc_day(self.client_time_ms)}|" if self.consent == "anonymous" else ""
+        secret, key_id = HMAC_SECRET, "k-it"
+        if self.consent == "anonymous":
+            daily_key = daily.by_day[utc_day(self.client_time_ms)].key
+            secret, key_id = daily_key.secret, daily_key.key_id
         return {
-            "user_pseudonym": pseudonym(salt + self.user_id),
-            "session_pseudonym": pseudonym(salt + self.session_id) if self.session_id else "",
-            "key_id": "k-it",
+            "user_pseudonym": pseudonym(self.user_id, secret),
+            "session_pseudonym": pseudonym(self.session_id, secret) if self.session_id else "",
+            "key_id": key_id,
             "region_code": "England" if self.consent == "full" else "",
             "referrer_domain": "example.org",
         }
@@ -135,6 +141,7 @@ def pipeline_run(
             "TALLY_TOPIC_NAMESPACE": f"t{uuid.uuid4().hex[:10]}.",
             "TALLY_HMAC_KEY": f"k-it:{HMAC_SECRET.hex()}",
             "TALLY_SESSION_TIMEOUT_S": "6",
+            "TALLY_ALLOWED_LATENESS_S": str(3 * DAY_MS // 1000),  # days 1 and 2 ago still count
             "TALLY_SINK_BATCH_INTERVAL_S": "0.3",
             "TALLY_LOG_LEVEL": "DEBUG",
         }
@@ -163,7 +170,13 @@ def pipeline_run(
         sent.append(Sent(first.event_id, "login", "full", "user-sdk-zq7", "", now_ms))
         _send_raw(kafka_bootstrap, topic_names(settings).raw,
                   [_payload(s, now_ms) for s in sent[:-1]] + BAD_EVENTS)  # fmt: skip
-        enriched = _wait_for(settings, topic_names(settings).enriched, len(sent), worker)
+        enriched = _wait_for(
+            settings,
+            topic_names(settings).enriched,
+            len(sent),
+            worker,
+            lambda value: len(split_enriched_message(value)),
+        )
         dead = _wait_for(settings, topic_names(settings).dead, len(BAD_EVENTS) + 1, worker)
     yield PipelineRun(settings, sent, enriched, dead)
 
@@ -178,8 +191,14 @@ def _send_raw(bootstrap: str, topic: str, payloads: list[bytes]) -> None:
 
 
 def _wait_for(
-    settings: Settings, topic: str, count: int, worker: object
+    settings: Settings,
+    topic: str,
+    count: int,
+    worker: object,
+    records_in: Callable[[bytes], int] = lambda _: 1,
 ) -> list[tuple[bytes | None, bytes]]:
+    """The topic's messages once they hold ``count`` records (``records_in`` counts a
+    message's)."""
     consumer = KafkaConsumer(
         topic, bootstrap_servers=settings.kafka_bootstrap,
         auto_offset_reset="earliest", consumer_timeout_ms=500,
@@ -187,12 +206,13 @@ def _wait_for(
     messages: list[tuple[bytes | None, bytes]] = []
     deadline = time.monotonic() + DEADLINE_S
     try:
-        while len(messages) < count and time.monotonic() < deadline:
+        while sum(records_in(v) for _, v in messages) < count and time.monotonic() < deadline:
             messages.extend((message.key, message.value) for message in consumer)
             assert worker.poll() is None, "stream worker exited"  # type: ignore[attr-defined]
     finally:
         consumer.close()
-    assert len(messages) >= count, f"{len(messages)} of {count} messages on {topic}"
+    got = sum(records_in(v) for _, v in messages)
+    assert got >= count, f"{got} of {count} records on {topic}"
     return messages
 
 
@@ -203,13 +223,13 @@ def _sink_until(backend: ClickHouseBackend, settings: Settings, group: str, rows
     stop = threading.Event()
     deadline = time.monotonic() + DEADLINE_S
     try:
-        while sink.messages_done < rows and time.monotonic() < deadline:
+        while sink.records_done < rows and time.monotonic() < deadline:
             messages = sink.poll_batch()
             if messages:
                 sink.write_batch(messages, stop)
     finally:
         sink.close()
-    assert sink.messages_done >= rows, f"sink handled {sink.messages_done} messages"
+    assert sink.records_done >= rows, f"sink handled {sink.records_done} records"
 
 
 def _stored(backend: ClickHouseBackend, event_type: str) -> dict[str, dict[str, object]]:
@@ -222,17 +242,20 @@ def test_each_consent_level_stores_exactly_what_it_allows(
     pipeline_run: PipelineRun, backend: ClickHouseBackend, caplog: pytest.LogCaptureFixture
 ):
     """Every event lands once; full keeps stable pseudonyms and region, anonymous keeps
-    day-salted pseudonyms and no region, none keeps no id, region or referrer; browser, OS
-    and country are kept at every level; the sink logs nothing raw at DEBUG."""
+    pseudonyms under its day's random key and no region, none keeps no id, region or
+    referrer; browser, OS and country are kept at every level; the sink logs nothing raw at
+    DEBUG."""
     caplog.set_level(logging.DEBUG)
     apply_migrations(backend)
     _sink_until(backend, pipeline_run.settings, f"sink-{uuid.uuid4().hex[:8]}",
                 len(pipeline_run.sent))  # fmt: skip
     stored = {**_stored(backend, "login"), **_stored(backend, "session_start")}
     assert sorted(stored) == sorted(s.event_id for s in pipeline_run.sent)
+    daily = read_daily_keys(pipeline_run.settings.daily_keys_path)
     for sent in pipeline_run.sent:
         row = stored[sent.event_id]
-        assert {k: row[k] for k in sent.expected_columns()} == sent.expected_columns(), sent
+        expected = sent.expected_columns(daily)
+        assert {k: row[k] for k in expected} == expected, sent
         assert (row["consent"], row["country_code"], row["browser_family"]) == (
             sent.consent, "GB", "Chrome"
         )  # fmt: skip
@@ -262,12 +285,13 @@ def test_replaying_the_topic_does_not_double_count(
 def test_no_key_or_value_on_the_output_topics_holds_a_raw_value(pipeline_run: PipelineRun):
     """Keys and values of every enriched record and dead letter hold no raw id, IP,
     referrer path, user agent or content; enriched keys are pseudonyms or event ids."""
-    assert len(pipeline_run.enriched) == len(pipeline_run.sent)
+    records = [r for _, value in pipeline_run.enriched for r in split_enriched_message(value)]
+    assert len(records) == len(pipeline_run.sent)
     for key, value in [*pipeline_run.enriched, *pipeline_run.dead]:
         for raw in pipeline_run.raw_values:
             assert raw not in (key or b"") and raw not in value
     for key, value in pipeline_run.enriched:
-        record = orjson.loads(value)
+        record = split_enriched_message(value)[0]  # a message is keyed by its first record
         assert key == (record["user_pseudonym"] or record["event_id"]).encode()
 
 

@@ -132,6 +132,19 @@ def test_spec_without_limit_leaves_retention_alone(
     assert _described(admin, forever)["retention.ms"] == -1
 
 
+def test_a_table_changelog_is_created_compacted_and_left_so(
+    kafka_bootstrap: str, admin: KafkaAdminClient
+) -> None:
+    """A changelog keeps each key's newest state (compaction), not a time window: it is
+    created so, and checking it again changes nothing."""
+    name = _unique_name("changelog")
+    spec = TopicSpec(name, 2, None, compacted=True)
+    ensure_topics(kafka_bootstrap, [spec])
+    ensure_topics(kafka_bootstrap, [spec])
+    described = _described(admin, name)
+    assert (described["cleanup.policy"], described["partitions"]) == ("compact", 2)
+
+
 def test_fewer_partitions_refuse_in_one_line(kafka_bootstrap: str, admin: KafkaAdminClient) -> None:
     """Too few partitions raise one line naming the topic; its retention is lowered first."""
     name = _unique_name("narrow")

@@ -1,6 +1,8 @@
 """The layout is the architecture: stages speak schemas and never import each other."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,15 @@ def test_only_one_module_creates_the_faust_app():
     makers = [p for p in ROOT.rglob("*.py") if ".venv" not in p.parts and "faust.App(" in
               p.read_text() and "tests" not in p.parts]  # fmt: skip
     assert makers == [ROOT / "streams" / "app.py"]
+
+
+def test_the_worker_and_the_collector_do_not_load_the_embedded_engine():
+    """chdb maps about 250 MB on import: only a process that opens embedded ClickHouse may
+    load it, not the stream worker or the collector (which import deploy.wiring)."""
+    code = (
+        "import sys, deploy.cli, deploy.wiring, streams.app, producers.collector.app\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'chdb'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True, timeout=60)  # fmt: skip
+    assert out.stdout.strip() == "[]"

@@ -2,6 +2,7 @@
 a broken envelope refused whole with one reason, a broken event alone with its index."""
 
 import json
+import uuid
 from typing import Any
 
 import orjson
@@ -21,6 +22,7 @@ from schemas.batch import (
     InvalidBatch,
     decode_message,
     encode_batch,
+    split_enriched_message,
 )
 from schemas.events import EARLIEST_MS, EVENT_MODELS, LATEST_MS, MAX_EVENT_BYTES, Envelope
 from schemas.examples import EXAMPLES
@@ -37,7 +39,13 @@ from schemas.validation import (
 from streams.dedupe import RecentEventIds
 from streams.enrich import GeoLookup, Lookups, Place
 from streams.pseudonymize import HmacKey, Pseudonymizer
-from streams.steps import Origin, Outcome, outcomes_of_message, validate_and_enrich
+from streams.steps import (
+    Origin,
+    Outcome,
+    outcomes_of_message,
+    outgoing_messages,
+    validate_and_enrich,
+)
 from tests.geo import DEFAULT_GEOIP_DATABASE
 from tests.strategies import (
     MISSING,
@@ -552,3 +560,44 @@ def test_the_envelope_has_no_free_text_and_no_unknown_field():
     for model in BATCH_MODELS.values():
         assert model.model_config.get("extra") == "forbid"
         assert model.model_config.get("strict") is True
+
+
+@settings(max_examples=examples(100))
+@given(batch=sound_batches())
+def test_a_batch_leaves_as_one_enriched_message_the_sink_splits_back(batch, lookups):
+    """The enriched records of one raw batch are joined into one message (keyed by the
+    first), and what the sink splits back is every record, in order; dead letters stay one
+    message each."""
+    outcomes = outcomes_of_message(orjson.dumps(batch), ORIGIN, lookups, RecentEventIds())
+    (message,) = outgoing_messages(outcomes)
+    assert (message.destination, message.key) == ("enriched", outcomes[0].key)
+    assert split_enriched_message(message.value) == [orjson.loads(o.value) for o in outcomes]
+    assert [o.record for o in outcomes] == split_enriched_message(message.value)
+
+
+def test_dead_letters_leave_one_message_each_after_the_joined_records(lookups):
+    events = [EXAMPLES["login"], EXAMPLES["login"], {**EXAMPLES["logout"], "app_id": "Bad"}]
+    raw = orjson.dumps({**_sound(), "events": events})
+    messages = outgoing_messages(outcomes_of_message(raw, ORIGIN, lookups, RecentEventIds()))
+    assert [m.destination for m in messages] == ["enriched", "dead", "dead"]
+    assert len(split_enriched_message(messages[0].value)) == 1
+    assert [orjson.loads(m.value)["index"] for m in messages[1:]] == [1, 2]
+    assert outgoing_messages([]) == []
+
+
+def test_the_sink_reads_a_single_record_message_as_before():
+    record = {"event_id": "x", "event_type": "login"}
+    assert split_enriched_message(orjson.dumps(record)) == [record]
+
+
+def test_joined_records_are_split_to_stay_under_the_message_bound(lookups):
+    """However many records come at once (a timer closing thousands of silent sessions),
+    no enriched message passes the bound, and every record leaves once, in order."""
+    batch = {**_sound(), "events": [{**EXAMPLES["login"], "event_id": str(uuid.uuid4())}
+                                    for _ in range(40)]}  # fmt: skip
+    outcomes = outcomes_of_message(orjson.dumps(batch), ORIGIN, lookups, RecentEventIds())
+    bound = 3 * len(outcomes[0].value)
+    messages = outgoing_messages(outcomes, max_bytes=bound)
+    assert len(messages) > 10 and all(len(m.value) <= bound + 2 for m in messages)
+    records = [r for m in messages for r in split_enriched_message(m.value)]
+    assert records == [orjson.loads(o.value) for o in outcomes]

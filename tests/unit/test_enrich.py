@@ -2,6 +2,7 @@
 
 import hashlib
 import hmac
+from functools import cache
 from pathlib import Path
 
 import orjson
@@ -22,10 +23,23 @@ KEY = HmacKey("k-test", b"0123456789abcdef0123456789abcdef")
 ORIGIN = Origin("tally.events.raw", 0, 7, EXAMPLES["login"]["collector_time_ms"])
 
 
+@cache
+def day_key(day: str) -> HmacKey:
+    """A stand-in for the daily key store (deploy/daily_keys.py): one key per day."""
+    return HmacKey(f"day-{day}", hashlib.sha256(f"test {day}".encode()).digest())
+
+
+def with_day_keys(key: HmacKey, locate) -> Lookups:
+    pseudonymizer = Pseudonymizer(key, day_key)
+    return Lookups(
+        pseudonymizer.pseudonymize_id, key.key_id, locate, pseudonymizer.anonymous_key_id
+    )
+
+
 @pytest.fixture(scope="module")
 def lookups():
     geo = GeoLookup(DEFAULT_GEOIP_DATABASE)
-    yield Lookups(Pseudonymizer(KEY).pseudonymize_id, KEY.key_id, geo.locate)
+    yield with_day_keys(KEY, geo.locate)
     geo.close()
 
 
@@ -75,16 +89,16 @@ def test_anonymous_consent_ids_change_with_the_day(lookups):
     assert day1["region_code"] == ""
 
 
-def _hmac(message: str) -> str:
-    return hmac.new(KEY.secret, message.encode(), hashlib.sha256).hexdigest()
+def _hmac(message: str, key: HmacKey = KEY) -> str:
+    return hmac.new(key.secret, message.encode(), hashlib.sha256).hexdigest()
 
 
 DAY = "2025-11-28"  # the UTC day of EXAMPLES' client_time_ms
 KEPT_BY_CONSENT = {
     "full": {"user_pseudonym": _hmac("u-000042"), "session_pseudonym": _hmac("s-9001"),
              "key_id": "k-test", "region_code": "England", "referrer_domain": "example.org"},
-    "anonymous": {"user_pseudonym": _hmac(f"{DAY}|u-000042"),
-                  "session_pseudonym": _hmac(f"{DAY}|s-9001"), "key_id": "k-test",
+    "anonymous": {"user_pseudonym": _hmac("u-000042", day_key(DAY)),
+                  "session_pseudonym": _hmac("s-9001", day_key(DAY)), "key_id": f"day-{DAY}",
                   "region_code": "", "referrer_domain": "example.org"},
     "none": {"user_pseudonym": "", "session_pseudonym": "", "key_id": "", "region_code": "",
              "referrer_domain": ""},
@@ -115,6 +129,30 @@ def test_anonymous_session_pseudonyms_change_with_the_day(lookups):
     )  # fmt: skip
     assert day1["session_pseudonym"] != next_day["session_pseudonym"]
     assert next_day["session_pseudonym"] not in ("", _hmac("s-9001"))
+
+
+def test_anonymous_pseudonyms_owe_nothing_to_the_ring_key(lookups):
+    """Another ring key leaves anonymous pseudonyms as they were, and no HMAC under the ring
+    key (with or without the day) reproduces one: the long-lived key cannot link them."""
+    pseudonym = enriched("login", lookups, consent="anonymous")["user_pseudonym"]
+    other_ring = with_day_keys(HmacKey("k-other", bytes(range(32))), lookups.locate)
+    assert enriched("login", other_ring, consent="anonymous")["user_pseudonym"] == pseudonym
+    assert pseudonym not in (_hmac("u-000042"), _hmac(f"{DAY}|u-000042"))
+
+
+def test_anonymous_events_of_a_day_without_key_keep_no_ids(lookups):
+    """When the day's key is gone, anonymous events are still counted, with no ids and no
+    key id; full consent is untouched."""
+    pseudonymizer = Pseudonymizer(KEY, lambda day: None)
+    keyless = Lookups(
+        pseudonymizer.pseudonymize_id, KEY.key_id, lookups.locate, pseudonymizer.anonymous_key_id
+    )
+    record = enriched("session_start", keyless, consent="anonymous")
+    assert record["user_pseudonym"] == record["session_pseudonym"] == record["key_id"] == ""
+    assert record["country_code"] == "GB" and record["event_type"] == "session_start"
+    assert enriched("login", keyless)["user_pseudonym"] == _hmac("u-000042")
+    legacy = Lookups(Pseudonymizer(KEY).pseudonymize_id, KEY.key_id, lookups.locate)
+    assert enriched("login", legacy, consent="anonymous")["key_id"] == ""
 
 
 def test_no_consent_keeps_no_identifier(lookups):
@@ -190,14 +228,17 @@ def test_key_secret_never_shows():
 
 
 def test_a_retried_send_is_a_duplicate(lookups):
-    """The same event id twice: enriched once, then a duplicate dead letter."""
-    recent = RecentEventIds(capacity=2)
+    """The same event id twice: enriched once, then a duplicate dead letter; forgotten once
+    more ids than the bound came after it."""
+    recent = RecentEventIds(max_ids=2)
     raw = orjson.dumps(EXAMPLES["login"])
     assert validate_and_enrich(raw, ORIGIN, lookups, recent).destination == "enriched"
+    recent.remember(0, 0, 0)
     assert validate_and_enrich(raw, ORIGIN, lookups, recent).reason is ReasonCode.DUPLICATE
     for n in range(2):
         other = {**EXAMPLES["login"], "event_id": f"00000000-0000-4000-8000-00000000000{n}"}
         validate_and_enrich(orjson.dumps(other), ORIGIN, lookups, recent)
+        recent.remember(0, n + 1, 0)
     assert validate_and_enrich(raw, ORIGIN, lookups, recent).destination == "enriched"
 
 
