@@ -165,6 +165,11 @@ def create_app(config: StreamConfig, current_lookups: Callable[[], Lookups]) -> 
     async def validate_and_enrich_agent(stream: Any) -> None:
         nonlocal indexed
         async for batch in stream.take_events(config.batch_size, within=config.batch_within_s):
+            # Faust resumes the stream partitions, and may deliver messages, before it seeks
+            # them back to the committed offsets when table recovery ends
+            # (faust-streaming/faust#216): nothing is acknowledged before that seek, so no
+            # offset is committed past messages the seek is about to deliver again.
+            await app.tables.recovery.completed.wait()  # type: ignore[attr-defined]
             async with state_lock:
                 owned = owned_partitions()
                 now_ms = int(time.time() * 1000)
