@@ -13,11 +13,13 @@ event id.
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import faust
+from faust.transport.consumer import ThreadDelegateConsumer
+from faust.types import TP
 
 from schemas.reasons import ReasonCode
 from schemas.topics import TopicNames
@@ -73,6 +75,32 @@ class StreamConfig:
     session_rules: SessionRules = DEFAULT_SESSION_RULES
 
 
+def seek_uncommitted_partitions_to_their_start(app: faust.App, topic: str) -> None:
+    """Make Faust's seek to the committed offsets also seek the topic's partitions that have
+    none (or offset 0) to their start.
+
+    Faust fetches from the stream partitions before it seeks them back to the committed
+    offsets when table recovery ends (faust-streaming/faust#216), and skips what it fetched
+    meanwhile; aiokafka's ``seek_to_committed`` leaves a partition without a committed offset
+    (or at offset 0) where that fetch left it. A worker starting before its group's first
+    commit (a first start, or a restart after a crash before one) then never read the
+    skipped messages (tests/integration/test_worker_start.py)."""
+    consumer = cast(ThreadDelegateConsumer, app.consumer)
+    seek_to_committed = consumer.seek_to_committed
+
+    async def seek_to_committed_or_start() -> Mapping[TP, int]:
+        committed = await seek_to_committed()
+        uncommitted = [tp for tp, offset in committed.items() if tp.topic == topic and not offset]
+        if uncommitted:
+            starts = await consumer.earliest_offsets(*uncommitted)
+            await consumer.seek_wait(dict(starts))
+            log.info("no committed offset: %s read from their start",
+                     ", ".join(f"{tp.topic}[{tp.partition}]" for tp in uncommitted))  # fmt: skip
+        return committed
+
+    consumer.seek_to_committed = seek_to_committed_or_start  # type: ignore[method-assign]
+
+
 def create_app(config: StreamConfig, current_lookups: Callable[[], Lookups]) -> faust.App:
     """The Faust app with the validate-and-enrich agent on the raw topic, which reads single
     events and batches alike. ``current_lookups`` is asked once a batch of messages, so a
@@ -94,6 +122,7 @@ def create_app(config: StreamConfig, current_lookups: Callable[[], Lookups]) -> 
         producer_compression_type=config.compression_type,
     )
     raw = app.topic(config.topics.raw, key_serializer="raw", value_serializer="raw")
+    seek_uncommitted_partitions_to_their_start(app, config.topics.raw)
     enriched = app.topic(config.topics.enriched, key_serializer="raw", value_serializer="raw")
     dead = app.topic(config.topics.dead, key_serializer="raw", value_serializer="raw")
     destinations = {"enriched": enriched, "dead": dead}

@@ -94,7 +94,9 @@ class Recovery:
     worker_log: str
 
 
-def _wait(what: str, done: Any, topics: list[Topic], worker: Any) -> None:
+def _wait(
+    what: str, done: Any, topics: list[Topic], worker: Any, missing: Any = lambda: ""
+) -> None:
     deadline = time.monotonic() + DEADLINE_S
     while True:
         for topic in topics:
@@ -102,7 +104,7 @@ def _wait(what: str, done: Any, topics: list[Topic], worker: Any) -> None:
         if done():
             return
         assert worker.poll() is None, "the stream worker exited"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {missing()}"
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +171,18 @@ def recovery(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> 
             }
             return sent_ids <= seen and len(summaries) == CALLS + ORPHANS
 
-        _wait("every event and every summary", all_summarized, [enriched], worker)
+        def not_yet_out() -> str:
+            records = _records(enriched)
+            seen = {r["event_id"] for r in records}
+            summarized = len(
+                {r["session_pseudonym"] for r in records if r["event_type"] == "session_summary"}
+            )
+            return (
+                f"{len(sent_ids - seen)} of {len(sent_ids)} events and "
+                f"{CALLS + ORPHANS - summarized} of {CALLS + ORPHANS} summaries missing"
+            )
+
+        _wait("every event and every summary", all_summarized, [enriched], worker, not_yet_out)
         # A client's retries of events from before the kill, in new requests.
         retried = [events[0] for _, events in before[:RETRIES]]
         for event in retried:
