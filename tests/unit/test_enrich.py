@@ -2,19 +2,29 @@
 
 import hashlib
 import hmac
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 
 import orjson
 import pytest
 import user_agents
+from hypothesis import given
+from hypothesis import strategies as st
 
 from schemas.enriched import check_enriched, enriched_fields
 from schemas.examples import EXAMPLES
 from schemas.reasons import ReasonCode
 from schemas.validation import decode_event
 from streams.dedupe import RecentEventIds
-from streams.enrich import GeoLookup, Lookups, enrich, parse_user_agent, referrer_domain
+from streams.enrich import (
+    GeoLookup,
+    Lookups,
+    enrich,
+    parse_user_agent,
+    referrer_domain,
+    utc_day,
+)
 from streams.pseudonymize import HmacKey, Pseudonymizer
 from streams.steps import Origin, validate_and_enrich
 from tests.geo import DEFAULT_GEOIP_DATABASE
@@ -278,3 +288,21 @@ def test_fast_user_agent_parse_agrees_with_user_agents_on_real_strings():
     assert not differ, differ[:5]
     classes = {parse_user_agent(ua).device_class for ua in REAL_USER_AGENTS}
     assert classes == {"bot", "tablet", "mobile", "desktop", "other"}
+
+
+@given(st.integers(min_value=-(2**34), max_value=2**34))
+def test_the_cached_utc_day_is_the_calendar_day_of_the_time(unix_s: int) -> None:
+    assert utc_day(unix_s // 86_400) == datetime.fromtimestamp(unix_s, UTC).strftime("%Y-%m-%d")
+
+
+def test_the_geo_cache_gives_what_the_database_gives_and_stays_bounded() -> None:
+    geo = GeoLookup(DEFAULT_GEOIP_DATABASE, cache_size=2)
+    try:
+        addresses = ["81.2.69.160", "2a02:ec0::1", "8.8.8.8", "81.2.69.160", "not an ip"]
+        for address in addresses:
+            assert geo.locate(address) == geo._locate(address)
+        assert geo.locate("81.2.69.160").country_code == "GB"
+        info = geo.locate.cache_info()  # type: ignore[attr-defined]
+        assert info.currsize == 2 and info.hits >= 1
+    finally:
+        geo.close()
