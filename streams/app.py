@@ -25,6 +25,7 @@ from schemas.reasons import ReasonCode
 from schemas.topics import TopicNames
 from streams.dedupe import RecentEventIds, TableWrite
 from streams.enrich import Lookups
+from streams.metrics import StreamMetrics, new_stream_metrics
 from streams.open_sessions import OpenSessions, summary_outcome
 from streams.quality import QualityThresholds
 from streams.refusals import RefusalWatch
@@ -101,10 +102,15 @@ def seek_uncommitted_partitions_to_their_start(app: faust.App, topic: str) -> No
     consumer.seek_to_committed = seek_to_committed_or_start  # type: ignore[method-assign]
 
 
-def create_app(config: StreamConfig, current_lookups: Callable[[], Lookups]) -> faust.App:
+def create_app(
+    config: StreamConfig,
+    current_lookups: Callable[[], Lookups],
+    metrics: StreamMetrics | None = None,
+) -> faust.App:
     """The Faust app with the validate-and-enrich agent on the raw topic, which reads single
     events and batches alike. ``current_lookups`` is asked once a batch of messages, so a
-    rotated key takes effect without a restart."""
+    rotated key takes effect without a restart; ``metrics`` are counted as batches go."""
+    metrics = metrics or new_stream_metrics()
     app = faust.App(
         config.app_id,
         broker=f"kafka://{config.bootstrap}",
@@ -199,6 +205,7 @@ def create_app(config: StreamConfig, current_lookups: Callable[[], Lookups]) -> 
             # (faust-streaming/faust#216): nothing is acknowledged before that seek, so no
             # offset is committed past messages the seek is about to deliver again.
             await app.tables.recovery.completed.wait()  # type: ignore[attr-defined]
+            started = time.perf_counter()
             async with state_lock:
                 owned = owned_partitions()
                 now_ms = int(time.time() * 1000)
@@ -212,6 +219,7 @@ def create_app(config: StreamConfig, current_lookups: Callable[[], Lookups]) -> 
                 pending: list[Any] = []
                 counted: list[ReasonCode | None] = []
                 table_writes: list[TableWrite] = []
+                summarized = 0
                 lookups = current_lookups()
                 for event in batch:
                     message = event.message
@@ -227,6 +235,7 @@ def create_app(config: StreamConfig, current_lookups: Callable[[], Lookups]) -> 
                     counted.extend(o.reason if o.destination == "dead" else None for o in outcomes)
                     leaving.extend(outcomes)
                     leaving.extend(summary_outcome(summary) for summary in summaries)
+                    summarized += len(summaries)
                     table_writes.extend(recent.remember(message.partition, message.offset, now_ms))
                     if len(leaving) >= MAX_HELD_RECORDS:
                         pending.extend(await send_joined(leaving))
@@ -238,8 +247,14 @@ def create_app(config: StreamConfig, current_lookups: Callable[[], Lookups]) -> 
                 await asyncio.gather(*pending)
                 await send_table_writes(recent_table, table_writes)
                 await send_table_writes(sessions_table, sessions.take_writes())
+                metrics.open_sessions.set(len(sessions))
+                metrics.recent_event_ids.set(len(recent))
+            metrics.batch_seconds.observe(time.perf_counter() - started)
+            metrics.count_batch(len(batch), counted, summarized)
             alarm = refusals.record(counted)
+            metrics.dead_letter_limit_tripped.set(refusals.tripped)
             if alarm is not None:
+                metrics.dead_letter_limit_trips.inc()
                 log.error("dead-letter limit: %s", alarm.describe())
                 if config.refusal_pause_s > 0:
                     # Reading nothing meanwhile: what comes waits in Kafka, not in the
@@ -263,6 +278,7 @@ def create_app(config: StreamConfig, current_lookups: Callable[[], Lookups]) -> 
                     *[await enriched.send(key=o.key, value=o.value) for o in outgoing]
                 )
                 log.debug("%d silent sessions closed", len(summaries))
+                metrics.session_summaries.inc(len(summaries))
             await send_table_writes(sessions_table, sessions.take_writes())
             await send_table_writes(recent_table, recent.expire(now_ms))
 

@@ -1,14 +1,16 @@
 """A flood of invalid events from a broken client release trips the dead-letter limit on a
-real worker: one error line with the top reason codes, nothing of the events' values, and the
-worker goes on."""
+real worker: one error line with the top reason codes, nothing of the events' values, the
+worker's metrics count the trip and the refusals by reason, and the worker goes on."""
 
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 import orjson
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.kafka import ensure_topics
 from deploy.run import stream_worker
@@ -16,6 +18,7 @@ from deploy.settings import load_settings
 from deploy.wiring import topic_names, topic_specs
 from schemas.batch import split_enriched_message
 from schemas.examples import EXAMPLES
+from tests.services import free_ports
 
 pytestmark = pytest.mark.kafka
 
@@ -23,9 +26,24 @@ DEADLINE_S = 90.0
 MARK = "zq7 please call me back tonight"
 
 
+def _metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The worker's metrics now; {} while it does not serve them yet."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def test_a_flood_of_refusals_trips_the_dead_letter_limit(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
+    (metrics_port,) = free_ports(1)
     settings = load_settings(
         {
             "TALLY_STATE_DIR": str(tmp_path),
@@ -34,6 +52,7 @@ def test_a_flood_of_refusals_trips_the_dead_letter_limit(
             "TALLY_HMAC_KEY": f"k-dl:{bytes(range(32)).hex()}",
             "TALLY_SESSION_TIMEOUT_S": "6",
             "TALLY_DEAD_LETTER_ALARM_MIN_EVENTS": "50",
+            "TALLY_WORKER_METRICS_PORT": str(metrics_port),
         }
     )
     ensure_topics(kafka_bootstrap, topic_specs(settings))
@@ -53,6 +72,16 @@ def test_a_flood_of_refusals_trips_the_dead_letter_limit(
             assert worker.poll() is None, "the stream worker exited"
             assert time.monotonic() < deadline, "the dead-letter limit never tripped"
             time.sleep(0.2)  # polling the worker's log against the deadline
+        refused = ("tally_stream_events_refused_total", (("reason", "content_forbidden"),))
+        enriched = ("tally_stream_events_enriched_total", ())
+        while _metrics(metrics_port).get(refused) != len(bad):
+            assert time.monotonic() < deadline, f"refusals never counted: {_metrics(metrics_port)}"
+            time.sleep(0.2)  # polling the worker's metrics against the deadline
+        metrics = _metrics(metrics_port)
+        assert metrics[("tally_stream_dead_letter_limit_trips_total", ())] == 1
+        assert metrics[("tally_stream_dead_letter_limit_tripped", ())] == 1
+        assert metrics[enriched] == len(good)
+        assert metrics[("tally_stream_events_refused_total", (("reason", "clock_skew"),))] == 0
         assert worker.poll() is None
     text = log.read_text()
     (line,) = [ln for ln in text.splitlines() if "dead-letter limit" in ln]

@@ -199,6 +199,7 @@ def test_collector_defaults_reach_its_config():
     ("environ", "message"),
     [
         ({"TALLY_COLLECTOR_PORT": "0"}, "TALLY_COLLECTOR_PORT: not a TCP port"),
+        ({"TALLY_WORKER_METRICS_PORT": "70000"}, "TALLY_WORKER_METRICS_PORT: not a TCP port"),
         ({"TALLY_COLLECTOR_PORT": "http"}, "TALLY_COLLECTOR_PORT: not a valid integer"),
         ({"TALLY_COLLECTOR_MAX_EVENTS": "0"}, "TALLY_COLLECTOR_MAX_EVENTS: must be at least 1"),
         ({"TALLY_COLLECTOR_MAX_BODY_BYTES": "10"}, "TALLY_COLLECTOR_MAX_BODY_BYTES: must be"),
