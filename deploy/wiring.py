@@ -1,10 +1,12 @@
 """The composition root: turns settings into the parts each stage takes, and nothing else."""
 
+from __future__ import annotations
+
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import orjson
 
@@ -12,20 +14,20 @@ from deploy.daily_keys import DailyKeyError, DailyKeyStore
 from deploy.kafka import TopicSpec
 from deploy.keys import KeyRingError, file_signature, read_key_ring
 from deploy.settings import Settings, SettingsError
-from producers.collector.app import CollectorConfig
-from producers.collector.apps import AppRegistry, AppsError
-from producers.collector.kafka import KafkaBatchProducer
-from producers.collector.limits import RateLimit
 from schemas import topics
 from schemas.topics import TopicNames
-from sinks.backends import ClickHouseBackend, EmbeddedClickHouse, ServerClickHouse
-from sinks.consumer import SinkConfig
-from sinks.query_service import RemoteClickHouse
 from streams.app import StreamConfig
 from streams.enrich import GeoLookup, Lookups
 from streams.pseudonymize import Pseudonymizer
 from streams.quality import QualityThresholds
 from streams.sessions import SessionRules
+
+if TYPE_CHECKING:  # each stage's process imports only its own stage (worker memory)
+    from producers.collector.app import CollectorConfig
+    from producers.collector.apps import AppRegistry
+    from producers.collector.kafka import KafkaBatchProducer
+    from sinks.backends import ClickHouseBackend
+    from sinks.consumer import SinkConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,8 @@ def kafka_jars_dir(settings: Settings) -> Path:
 
 def open_backend(settings: Settings) -> ClickHouseBackend:
     """The configured ClickHouse: embedded under the state folder, or a server."""
+    from sinks.backends import EmbeddedClickHouse, ServerClickHouse
+
     if settings.clickhouse_backend == "server":
         return ServerClickHouse(
             settings.clickhouse_host,
@@ -79,6 +83,8 @@ def open_reader(settings: Settings) -> ClickHouseBackend:
     Raises EmbeddedInUseError when a process owns embedded ClickHouse but does not answer
     (a sink starting or restarting): try again shortly.
     """
+    from sinks.query_service import RemoteClickHouse
+
     connection = query_service_file(settings)
     if settings.clickhouse_backend == "embedded" and connection.exists():
         found = orjson.loads(connection.read_bytes())
@@ -91,6 +97,8 @@ def open_reader(settings: Settings) -> ClickHouseBackend:
 def open_writer(settings: Settings, *, wait_s: float = 30.0) -> ClickHouseBackend:
     """ClickHouse for a long-running writer: like ``open_backend``, but on embedded it waits
     up to ``wait_s`` for a reader that has the folder open (`tally report`) to let go."""
+    from sinks.backends import EmbeddedClickHouse
+
     if settings.clickhouse_backend == "embedded":
         return EmbeddedClickHouse(
             settings.state_dir / "clickhouse", settings.clickhouse_database, wait_s=wait_s
@@ -223,6 +231,8 @@ def stream_config(settings: Settings, bootstrap: str) -> StreamConfig:
 
 
 def sink_config(settings: Settings, bootstrap: str) -> SinkConfig:
+    from sinks.consumer import SinkConfig
+
     return SinkConfig(
         bootstrap=bootstrap,
         topics=topic_names(settings),
@@ -234,6 +244,9 @@ def sink_config(settings: Settings, bootstrap: str) -> SinkConfig:
 
 
 def collector_config(settings: Settings) -> CollectorConfig:
+    from producers.collector.app import CollectorConfig
+    from producers.collector.limits import RateLimit
+
     return CollectorConfig(
         host=settings.collector_host,
         port=settings.collector_port,
@@ -251,6 +264,8 @@ def collector_config(settings: Settings) -> CollectorConfig:
 def collector_apps(settings: Settings) -> AppRegistry:
     """The apps registry as the running collector reads it (re-read when it changes);
     SettingsError naming the file when it is not a registry."""
+    from producers.collector.apps import AppRegistry, AppsError
+
     try:
         return AppRegistry(settings.collector_apps_path)
     except AppsError as err:
@@ -259,6 +274,8 @@ def collector_apps(settings: Settings) -> AppRegistry:
 
 def collector_producer(settings: Settings, bootstrap: str) -> KafkaBatchProducer:
     """The collector's producer onto the raw topic, with the configured codec."""
+    from producers.collector.kafka import KafkaBatchProducer
+
     return KafkaBatchProducer(
         bootstrap,
         topic_names(settings).raw,

@@ -152,9 +152,10 @@ def test_clickhouse_password_and_its_file_are_exclusive(tmp_path):
 def test_open_backend_uses_the_password_file(tmp_path, monkeypatch):
     """The server backend is opened with the file's password."""
     import deploy.wiring
+    import sinks.backends
 
     opened: dict[str, object] = {}
-    monkeypatch.setattr(deploy.wiring, "ServerClickHouse", lambda *a, **kw: opened.update(kw))
+    monkeypatch.setattr(sinks.backends, "ServerClickHouse", lambda *a, **kw: opened.update(kw))
     password_file = tmp_path / "ch-password"
     password_file.write_text("hunter2-from-file\n")
     settings = load_settings(
