@@ -22,8 +22,7 @@ from deploy.run import stream_worker
 from deploy.settings import Settings, load_settings
 from deploy.wiring import topic_names, topic_specs
 from schemas.batch import encode_batch, split_enriched_message
-from schemas.events import EVENT_MODELS
-from schemas.examples import EXAMPLES
+from tests.session_events import session_event
 
 pytestmark = pytest.mark.kafka
 
@@ -49,20 +48,7 @@ def _settings(state: Path, namespace: str, bootstrap: str) -> Settings:
 
 def _envelope(event_type: str, session: str, count: int) -> tuple[bytes, list[str]]:
     now_ms = int(time.time() * 1000)
-    events = []
-    for _ in range(count):
-        fields = {
-            **EXAMPLES[event_type],
-            "event_id": str(uuid.uuid4()),
-            "user_id": f"u-{session}",
-            "session_id": session,
-            "client_time_ms": now_ms,
-        }
-        for stamp in ("ip", "collector_time_ms"):
-            fields.pop(stamp, None)
-        if event_type == "session_end":
-            fields["end_reason"] = "normal"
-        events.append(EVENT_MODELS[(event_type, fields["schema_version"])].model_validate(fields))
+    events = [session_event(event_type, session, now_ms) for _ in range(count)]
     value = encode_batch(events, app_id=events[0].app_id, collector_time_ms=now_ms, ip=IP)
     return value, [e.event_id for e in events]
 

@@ -23,8 +23,9 @@ from deploy.run import stream_worker
 from deploy.settings import Settings, load_settings
 from deploy.wiring import topic_names, topic_specs
 from schemas.batch import encode_batch, split_enriched_message
-from schemas.events import EVENT_MODELS, Envelope
+from schemas.events import Envelope
 from schemas.examples import EXAMPLES
+from tests.session_events import session_event as _event
 
 pytestmark = pytest.mark.kafka
 
@@ -38,21 +39,6 @@ ORPHANS = 8
 SAMPLES = 12
 ORPHAN_SAMPLES = 3
 RETRIES = 20
-
-
-def _event(event_type: str, session: str, now_ms: int) -> Envelope:
-    fields = {
-        **EXAMPLES[event_type],
-        "event_id": str(uuid.uuid4()),
-        "user_id": f"u-{session}",
-        "session_id": session,
-        "client_time_ms": now_ms,
-    }
-    for stamp in ("ip", "collector_time_ms"):
-        fields.pop(stamp, None)
-    if event_type == "session_end":
-        fields["end_reason"] = "normal"
-    return EVENT_MODELS[(event_type, fields["schema_version"])].model_validate(fields)
 
 
 def _envelope(events: list[Envelope]) -> bytes:
