@@ -132,30 +132,26 @@ def create_app(
     enriched = app.topic(config.topics.enriched, key_serializer="raw", value_serializer="raw")
     dead = app.topic(config.topics.dead, key_serializer="raw", value_serializer="raw")
     destinations = {"enriched": enriched, "dead": dead}
+
+    def changelogged_table(name: str, changelog: str) -> Any:
+        """A table of raw bytes, partitioned like the raw topic, with a compacted changelog
+        that ``tally topics`` declares."""
+        return app.Table(
+            name,
+            partitions=config.partitions,
+            changelog_topic=app.topic(
+                changelog,
+                partitions=config.partitions,
+                key_serializer="raw",
+                value_serializer="raw",
+                compacting=True,
+            ),
+        )
+
     recent = RecentEventIds(int(config.dedupe_window_s * 1000), config.dedupe_max_ids)
-    recent_table = app.Table(
-        "recent-event-ids",
-        partitions=config.partitions,
-        changelog_topic=app.topic(
-            config.topics.recent_event_ids_changelog,
-            partitions=config.partitions,
-            key_serializer="raw",
-            value_serializer="raw",
-            compacting=True,
-        ),
-    )
+    recent_table = changelogged_table("recent-event-ids", config.topics.recent_event_ids_changelog)
     sessions = OpenSessions(config.session_rules)
-    sessions_table = app.Table(
-        "sessions",
-        partitions=config.partitions,
-        changelog_topic=app.topic(
-            config.topics.sessions_changelog,
-            partitions=config.partitions,
-            key_serializer="raw",
-            value_serializer="raw",
-            compacting=True,
-        ),
-    )
+    sessions_table = changelogged_table("sessions", config.topics.sessions_changelog)
     indexed: set[int] | None = None
     """The raw partitions ``recent`` and ``sessions`` were last rebuilt for: after a
     rebalance or a restart they are rebuilt from the recovered tables before the next batch."""
