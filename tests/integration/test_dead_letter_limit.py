@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.kafka import ensure_topics
 from deploy.run import stream_worker
-from deploy.settings import load_settings
+from deploy.settings import Settings, load_settings
 from deploy.wiring import topic_names, topic_specs
 from schemas.batch import split_enriched_message
 from schemas.examples import EXAMPLES
@@ -40,10 +40,8 @@ def _metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def test_a_flood_of_refusals_trips_the_dead_letter_limit(
-    kafka_bootstrap: str, tmp_path: Path
-) -> None:
-    (metrics_port,) = free_ports(1)
+def _flood_settings(tmp_path: Path, kafka_bootstrap: str, **extra: str) -> Settings:
+    """A worker's settings whose limit trips on 50 events, its topics created."""
     settings = load_settings(
         {
             "TALLY_STATE_DIR": str(tmp_path),
@@ -52,10 +50,20 @@ def test_a_flood_of_refusals_trips_the_dead_letter_limit(
             "TALLY_HMAC_KEY": f"k-dl:{bytes(range(32)).hex()}",
             "TALLY_SESSION_TIMEOUT_S": "6",
             "TALLY_DEAD_LETTER_ALARM_MIN_EVENTS": "50",
-            "TALLY_WORKER_METRICS_PORT": str(metrics_port),
+            **extra,
         }
     )
     ensure_topics(kafka_bootstrap, topic_specs(settings))
+    return settings
+
+
+def test_a_flood_of_refusals_trips_the_dead_letter_limit(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    (metrics_port,) = free_ports(1)
+    settings = _flood_settings(
+        tmp_path, kafka_bootstrap, TALLY_WORKER_METRICS_PORT=str(metrics_port)
+    )
     now_ms = int(time.time() * 1000)
     login = {k: v for k, v in EXAMPLES["login"].items() if k != "collector_time_ms"}
     good = [{**login, "event_id": str(uuid.uuid4()), "client_time_ms": now_ms} for _ in range(20)]
@@ -95,18 +103,7 @@ def test_with_a_pause_configured_the_flood_waits_in_kafka(
 ) -> None:
     """With TALLY_DEAD_LETTER_ALARM_PAUSE_S set, the tripped limit stops reading the raw
     partitions: events sent meanwhile are enriched only after they are resumed."""
-    settings = load_settings(
-        {
-            "TALLY_STATE_DIR": str(tmp_path),
-            "TALLY_KAFKA_BOOTSTRAP": kafka_bootstrap,
-            "TALLY_TOPIC_NAMESPACE": f"t{uuid.uuid4().hex[:10]}.",
-            "TALLY_HMAC_KEY": f"k-dl:{bytes(range(32)).hex()}",
-            "TALLY_SESSION_TIMEOUT_S": "6",
-            "TALLY_DEAD_LETTER_ALARM_MIN_EVENTS": "50",
-            "TALLY_DEAD_LETTER_ALARM_PAUSE_S": "4",
-        }
-    )
-    ensure_topics(kafka_bootstrap, topic_specs(settings))
+    settings = _flood_settings(tmp_path, kafka_bootstrap, TALLY_DEAD_LETTER_ALARM_PAUSE_S="4")
     names = topic_names(settings)
     now_ms = int(time.time() * 1000)
     login = {k: v for k, v in EXAMPLES["login"].items() if k != "collector_time_ms"}
