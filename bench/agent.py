@@ -30,7 +30,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from deploy.kafka import ensure_topics, start_kafka, stop_kafka
+from deploy.services.ports import free_ports
 from deploy.services.process import spawn_child, stop_child
 from deploy.settings import Settings, load_settings, settings_environ
 from deploy.wiring import CurrentLookups, kafka_jars_dir, stream_config, topic_names, topic_specs
@@ -87,16 +87,6 @@ class Input:
 
 def log(text: str) -> None:
     print(f"[agent bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for held in sockets:
-        held.bind(("127.0.0.1", 0))
-    ports = [held.getsockname()[1] for held in sockets]
-    for held in sockets:
-        held.close()
-    return ports
 
 
 def uvloop_available() -> bool:

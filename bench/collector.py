@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from typing import Any
 import orjson
 
 from deploy.kafka import ensure_topics, start_kafka, stop_kafka
+from deploy.services.ports import free_ports
 from deploy.settings import load_settings, settings_environ
 from deploy.wiring import kafka_jars_dir, topic_specs
 from producers.collector.apps import register_app
@@ -49,17 +49,6 @@ local f = io.open("%(body)s", "rb")
 wrk.body = f:read("*all")
 f:close()
 """
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports free on loopback now (held together, so they differ)."""
-    sockets = [socket.socket() for _ in range(count)]
-    for held in sockets:
-        held.bind(("127.0.0.1", 0))
-    ports = [held.getsockname()[1] for held in sockets]
-    for held in sockets:
-        held.close()
-    return ports
 
 
 def events_body(count: int) -> bytes:

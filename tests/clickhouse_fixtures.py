@@ -22,8 +22,9 @@ from deploy.clickhouse import (
     start_clickhouse_server,
     stop_clickhouse_server,
 )
+from deploy.services.ports import free_ports
 from sinks.backends import ClickHouseBackend, EmbeddedClickHouse, ServerClickHouse
-from tests.services import free_ports, service_unavailable, shared_between_sessions
+from tests.services import service_unavailable, shared_between_sessions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLICKHOUSE_STATE_DIR = REPO_ROOT / ".tally" / "test" / "clickhouse"

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from deploy.kafka import KafkaBroker, KafkaStartError, running_kafka, start_kafka, stop_kafka
-from tests.services import free_ports, service_unavailable, shared_between_sessions
+from deploy.services.ports import free_ports
+from tests.services import service_unavailable, shared_between_sessions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KAFKA_STATE_DIR = REPO_ROOT / ".tally" / "test" / "kafka-state"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -19,17 +18,6 @@ import pytest
 from tests.profile import IN_CI
 
 _Service = TypeVar("_Service")
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports free right now (all held open until all are chosen)."""
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            probe = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            probe.bind(("127.0.0.1", 0))
-            ports.append(int(probe.getsockname()[1]))
-        return ports
 
 
 def service_unavailable(message: str) -> NoReturn:

@@ -9,8 +9,8 @@ import signal
 import subprocess
 from pathlib import Path
 
+from deploy.services.ports import free_ports
 from tests.kafka_fixtures import KAFKA_JARS_DIR
-from tests.services import free_ports
 
 
 def tally_environ(

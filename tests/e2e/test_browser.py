@@ -19,13 +19,13 @@ from typing import Any
 import orjson
 import pytest
 
+from deploy.services.ports import free_ports
 from deploy.settings import Settings, load_settings
 from deploy.wiring import open_reader
 from schemas.enriched import enriched_fields, table_name
 from sinks.backends import ClickHouseError
 from tests.e2e.commands import as_from_a_terminal, stop_and_wait, tally_environ
 from tests.integration.test_browser_sdk import IPV4, IPV6, PAGE_TIMEOUT_MS, chromium
-from tests.services import free_ports
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 

@@ -30,12 +30,13 @@ from aiohttp import web
 from kafka import KafkaConsumer
 
 from deploy.kafka import ensure_topics
+from deploy.services.ports import free_ports
 from deploy.settings import Settings, load_settings
 from deploy.wiring import collector_config, collector_producer, topic_names, topic_specs
 from producers.collector.app import create_app
 from schemas.batch import decode_message
 from schemas.events import Envelope
-from tests.services import free_ports, service_unavailable
+from tests.services import service_unavailable
 
 try:
     from playwright.sync_api import Browser, Page, Request, sync_playwright

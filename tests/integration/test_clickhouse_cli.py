@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from deploy.clickhouse import stop_clickhouse_server
+from deploy.services.ports import free_ports
 from deploy.settings import load_settings
 from deploy.wiring import open_backend
 from sinks.backends import ServerClickHouse
 from tests.clickhouse_fixtures import clickhouse_unavailable
-from tests.services import free_ports
 
 pytestmark = pytest.mark.clickhouse
 

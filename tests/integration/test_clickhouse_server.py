@@ -20,9 +20,9 @@ from deploy.clickhouse import (
     start_clickhouse_server,
     stop_clickhouse_server,
 )
+from deploy.services.ports import free_ports
 from sinks.backends import ServerClickHouse
 from tests.clickhouse_fixtures import clickhouse_unavailable
-from tests.services import free_ports
 
 pytestmark = pytest.mark.clickhouse
 

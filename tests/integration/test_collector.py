@@ -26,6 +26,7 @@ from kafka import KafkaConsumer
 from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.kafka import ensure_topics
+from deploy.services.ports import free_ports
 from deploy.settings import Settings, load_settings, settings_environ
 from deploy.wiring import collector_config, collector_producer, topic_names, topic_specs
 from producers.collector.app import CollectorConfig, create_app
@@ -34,7 +35,6 @@ from producers.collector.kafka import KafkaBatchProducer
 from producers.collector.limits import RateLimit
 from schemas.batch import decode_message
 from schemas.examples import EXAMPLES
-from tests.services import free_ports
 
 DEADLINE_S = 30.0
 QUIET_S = 1.5

@@ -30,8 +30,8 @@ from deploy.kafka import (
     start_kafka,
     stop_kafka,
 )
+from deploy.services.ports import free_ports
 from tests.kafka_fixtures import KAFKA_JARS_DIR, KAFKA_STATE_DIR
-from tests.services import free_ports
 
 pytestmark = pytest.mark.kafka
 

@@ -30,6 +30,7 @@ from kafka import KafkaConsumer
 
 from deploy.kafka import KafkaStartError, ensure_topics, start_kafka, stop_kafka
 from deploy.run import stream_worker
+from deploy.services.ports import free_ports
 from deploy.settings import Settings, load_settings
 from deploy.wiring import (
     collector_config,
@@ -49,7 +50,7 @@ from sinks.consumer import EnrichedSink
 from sinks.migrations import apply_migrations
 from sinks.writer import ClickHouseWriter
 from tests.kafka_fixtures import KAFKA_JARS_DIR
-from tests.services import free_ports, service_unavailable
+from tests.services import service_unavailable
 
 pytestmark = pytest.mark.kafka
 

@@ -15,6 +15,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from deploy.clickhouse import ClickHouseStartError, start_clickhouse_server, stop_clickhouse_server
 from deploy.kafka import ensure_topics
 from deploy.run import SinkThread, StageFailed, sink_thread
+from deploy.services.ports import free_ports
 from deploy.settings import load_settings
 from deploy.wiring import sink_config, topic_specs
 from schemas.enriched import table_name
@@ -27,7 +28,6 @@ from sinks.writer import ClickHouseWriter
 from streams.enrich import NOWHERE, Lookups, enrich
 from streams.pseudonymize import HmacKey, Pseudonymizer
 from tests.clickhouse_fixtures import clickhouse_unavailable
-from tests.services import free_ports
 
 DEADLINE_S = 60.0
 KEY = HmacKey("k-sink", bytes(32))

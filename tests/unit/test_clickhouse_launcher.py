@@ -8,7 +8,7 @@ import pytest
 
 from deploy import clickhouse
 from deploy.clickhouse import ClickHouseStartError, start_clickhouse_server
-from tests.services import free_ports
+from deploy.services.ports import free_ports
 
 
 @pytest.fixture

@@ -17,12 +17,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from deploy.services.ports import free_ports
 from producers.sdk import TallyHttpClient
 from producers.spool import Record
 from producers.transports import HttpTransport, Outcome, RetryLater
 from producers.workload import generate_workload
 from schemas.events import Envelope
-from tests.services import free_ports
 
 KEY = "tk_live_5ecr3t-KEY-0123456789"
 DEADLINE_S = 20.0

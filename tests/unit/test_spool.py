@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kafka.errors import KafkaError
 
+from deploy.services.ports import free_ports
 from producers.sdk import TallyClient
 from producers.spool import Record, Spool, SpoolFormatError, SpoolInUse
 from producers.transports import KafkaTransport, Outcome
@@ -28,7 +29,6 @@ from producers.workload import generate_workload
 from schemas.consent import Consent
 from schemas.events import Envelope
 from schemas.validation import InvalidEvent
-from tests.services import free_ports
 from tests.strategies import examples
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
