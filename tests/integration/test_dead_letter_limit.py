@@ -14,11 +14,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.kafka import ensure_topics
 from deploy.run import stream_worker
+from deploy.services.ports import free_ports
 from deploy.settings import Settings, load_settings
 from deploy.wiring import topic_names, topic_specs
 from schemas.batch import split_enriched_message
 from schemas.examples import EXAMPLES
-from tests.services import free_ports
 
 pytestmark = pytest.mark.kafka
 
@@ -26,13 +26,18 @@ DEADLINE_S = 90.0
 MARK = "zq7 please call me back tonight"
 
 
-def _metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """The worker's metrics now; {} while it does not serve them yet."""
+def _metrics_text(port: int) -> str:
+    """The worker's metrics page now; '' while it does not serve it yet."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            text = response.read().decode()
+            return str(response.read().decode())
     except OSError:
-        return {}
+        return ""
+
+
+def _metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The worker's metrics now; {} while it does not serve them yet."""
+    text = _metrics_text(port)
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(text)
@@ -89,6 +94,9 @@ def test_a_flood_of_refusals_trips_the_dead_letter_limit(
         assert metrics[("tally_stream_dead_letter_limit_trips_total", ())] == 1
         assert metrics[("tally_stream_dead_letter_limit_tripped", ())] == 1
         assert metrics[enriched] == len(good)
+        page = _metrics_text(metrics_port)
+        for value in ("zq7", login["user_id"], login["ip"], good[0]["event_id"]):
+            assert value not in page, "an event's value reached the metrics"
         assert metrics[("tally_stream_events_refused_total", (("reason", "clock_skew"),))] == 0
         assert worker.poll() is None
     text = log.read_text()
