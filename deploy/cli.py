@@ -29,6 +29,8 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
         print(f"tally: {err}; everything started was stopped", file=sys.stderr)
         return 1
     print()
+    print(summary.quality_report)
+    print()
     print("Logins per hour, read back from ClickHouse:")
     print(summary.report)
     print()
@@ -294,20 +296,82 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 
     backend = open_backend(settings)
     try:
-        applied = apply_migrations(backend)
+        applied = apply_migrations(backend, settings.analyst_min_users)
     finally:
         backend.close()
     print(f"applied migrations: {applied or 'none (up to date)'}")
+    print(f"analyst views made afresh: groups under {settings.analyst_min_users} users hidden")
+    return 0
+
+
+def _retention(settings: Settings, args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from deploy.wiring import open_backend
+    from sinks.retention import drop_expired_partitions
+
+    backend = open_backend(settings)
+    try:
+        dropped = drop_expired_partitions(
+            backend,
+            datetime.now(UTC).date(),
+            settings.retention_event_days,
+            settings.retention_rollup_days,
+        )
+    finally:
+        backend.close()
+    for partition in dropped:
+        print(f"dropped {partition.table} partition {partition.partition}")
+    print(
+        f"{len(dropped)} partitions dropped (events after {settings.retention_event_days} "
+        f"days, rollups after {settings.retention_rollup_days})"
+    )
+    return 0
+
+
+def _erase(settings: Settings, args: argparse.Namespace) -> int:
+    from deploy.wiring import open_backend, user_pseudonyms
+    from sinks.erasure import erase_pseudonyms
+
+    pseudonyms = user_pseudonyms(settings, args.user)
+    backend = open_backend(settings)
+    try:
+        deleted = erase_pseudonyms(backend, pseudonyms)
+    finally:
+        backend.close()
+    for table, count in deleted.items():
+        print(f"{table}: {count} rows deleted")
+    print(
+        f"erased the user under {len(pseudonyms)} live keys; a replay will not restore the "
+        "rows (rollups hold no ids and stay)"
+    )
     return 0
 
 
 def _report(settings: Settings, args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime, timedelta
+
     from deploy.wiring import open_reader
-    from sinks.report import format_logins_per_hour, logins_per_hour
+    from sinks.report import (
+        format_logins_per_hour,
+        format_report,
+        logins_per_hour,
+        quality_report,
+        report_as_csv,
+        report_as_json,
+    )
 
     backend = open_reader(settings)
     try:
-        print(format_logins_per_hour(logins_per_hour(backend)))
+        report = quality_report(backend, datetime.now(UTC), timedelta(hours=args.hours))
+        if args.format == "json":
+            print(report_as_json(report))
+        elif args.format == "csv":
+            print(report_as_csv(report), end="")
+        else:
+            print(format_report(report))
+            print()
+            print(format_logins_per_hour(logins_per_hour(backend, report.start, report.end)))
     finally:
         backend.close()
     return 0
@@ -369,9 +433,18 @@ def _parser() -> argparse.ArgumentParser:
         service.set_defaults(handler=handler)
     sub.add_parser("migrate", help="apply ClickHouse migrations").set_defaults(handler=_migrate)
     sub.add_parser(
+        "retention", help="drop event and rollup partitions past retention"
+    ).set_defaults(handler=_retention)
+    erase = sub.add_parser("erase", help="delete one user's event-level rows, for good")
+    erase.add_argument("--user", required=True, help="the user id as the clients send it")
+    erase.set_defaults(handler=_erase)
+    sub.add_parser(
         "topics", help="create Tally's topics on the configured cluster and hold them to spec"
     ).set_defaults(handler=_topics)
-    sub.add_parser("report", help="print aggregates from ClickHouse").set_defaults(handler=_report)
+    report = sub.add_parser("report", help="the service-quality report, through the analyst views")
+    report.add_argument("--hours", type=float, default=24.0, help="the window (default 24)")
+    report.add_argument("--format", choices=("text", "json", "csv"), default="text")
+    report.set_defaults(handler=_report)
     return parser
 
 

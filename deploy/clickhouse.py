@@ -54,6 +54,9 @@ _TEMPLATES = Path(__file__).resolve().parent / "clickhouse"
 _EXTRA_BIN_DIRS = ("/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin")
 _POLL_INTERVAL_S = 0.1
 _NAME = "clickhouse-server"
+ANALYST_DATABASE = "tally_analyst"
+"""The database of the analyst views (`sinks.analyst_views`) beside the default `tally`: the
+only one the `analyst` user may read."""
 
 
 class ClickHouseStartError(RuntimeError):
@@ -256,14 +259,33 @@ def _render_config(layout: _Layout, tcp_port: int, http_port: int) -> None:
     template = Template((_TEMPLATES / "config.xml").read_text(encoding="utf-8"))
     write_atomically(layout.config, template.substitute(values))
     users = Template((_TEMPLATES / "users.xml").read_text(encoding="utf-8"))
-    password = tally_user_password(layout.state_dir).encode()
-    digest = hashlib.sha256(password).hexdigest()
-    write_atomically(layout.users, users.substitute(tally_password_sha256=digest))
+    write_atomically(
+        layout.users,
+        users.substitute(
+            tally_password_sha256=_sha256_hex(tally_user_password(layout.state_dir)),
+            analyst_password_sha256=_sha256_hex(analyst_user_password(layout.state_dir)),
+            analyst_database=ANALYST_DATABASE,
+        ),
+    )
+
+
+def _sha256_hex(password: str) -> str:
+    return hashlib.sha256(password.encode()).hexdigest()
 
 
 def tally_user_password(state_dir: Path) -> str:
     """The password of the server's ``tally`` user, made on first use (file mode 0600)."""
-    path = state_dir.resolve() / "secrets" / "tally-password"
+    return _password(state_dir, "tally-password")
+
+
+def analyst_user_password(state_dir: Path) -> str:
+    """The password of the server's ``analyst`` user (the analyst views only), made on first
+    use (file mode 0600)."""
+    return _password(state_dir, "analyst-password")
+
+
+def _password(state_dir: Path, name: str) -> str:
+    path = state_dir.resolve() / "secrets" / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -2,6 +2,7 @@
 # Debian packages Tally needs beside Python: Java 17+ and Maven (Kafka's broker jars come from
 # Maven Central), and with --tests what only the tests use: clickhouse-server, the server
 # backend every sink test runs on (`tally run` uses embedded ClickHouse and needs no server),
+# and clickhouse-client, with which a test logs in as the analyst user;
 # kcat, a Kafka client on librdkafka that produces compressed batches as non-Python
 # clients do; chromium, the browser the browser SDK tests drive through Playwright (a WebRTC
 # call on fake media); and wrk, the HTTP load generator of the collector's benchmark.
@@ -13,6 +14,7 @@ command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)
 if [ "${1:-}" = "--tests" ]; then
   [ -x /usr/sbin/clickhouse-server ] || [ -x /usr/bin/clickhouse-server ] || missing+=(clickhouse-server)
+  command -v clickhouse-client >/dev/null || missing+=(clickhouse-client)
   command -v kcat >/dev/null || missing+=(kcat)
   [ -x /usr/bin/chromium ] || missing+=(chromium)
   command -v wrk >/dev/null || missing+=(wrk)

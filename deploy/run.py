@@ -22,6 +22,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -38,7 +39,7 @@ from producers.workload import APP_IDS, generate_workload, sender_of
 from schemas.events import Envelope
 from sinks.consumer import EnrichedSink
 from sinks.migrations import apply_migrations
-from sinks.report import format_logins_per_hour, logins_per_hour
+from sinks.report import format_logins_per_hour, format_report, logins_per_hour, quality_report
 from sinks.writer import ClickHouseWriter
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ class RunSummary:
     seconds_to_first_row: float | None
     seconds_total: float
     report: str
+    """Logins per hour."""
+    quality_report: str
+    """The service-quality report of the last 24 h (``tally report``)."""
 
 
 @contextlib.contextmanager
@@ -361,7 +365,7 @@ def run_pipeline(settings: Settings, *, drain_timeout_s: float = 180.0) -> RunSu
     """
     t0 = time.time()
     with contextlib.closing(open_backend(settings)) as backend:
-        apply_migrations(backend)
+        apply_migrations(backend, settings.analyst_min_users)
         with contextlib.ExitStack() as stages:
             bootstrap = stages.enter_context(kafka_for(settings))
             ensure_topics(bootstrap, topic_specs(settings))
@@ -390,7 +394,9 @@ def run_pipeline(settings: Settings, *, drain_timeout_s: float = 180.0) -> RunSu
                     sent,
                 )
         report = format_logins_per_hour(logins_per_hour(backend))
+        quality = format_report(quality_report(backend, datetime.now(UTC)))
     first = sink.first_write_at - t0 if sink.first_write_at else None
     return RunSummary(
-        sent, sink.event_rows_written, over_http, accepted, first, time.time() - t0, report
-    )
+        sent, sink.event_rows_written, over_http, accepted, first, time.time() - t0, report,
+        quality,
+    )  # fmt: skip

@@ -148,6 +148,13 @@ class Settings:
     release is rolled back); 0: never pause."""
     sink_batch_size: int = 5000
     sink_batch_interval_s: float = 1.0
+    analyst_min_users: int = 10
+    """Small-count suppression: an analyst view hides (folds into ``other``) any group with
+    fewer distinct users than this."""
+    retention_event_days: int = 90
+    """Event-level rows (and the sink's offset records) older than this are dropped."""
+    retention_rollup_days: int = 400
+    """Hourly rollup partitions (months) wholly older than this are dropped."""
     session_timeout_s: float = 10.0
     workload_events: int = 3000
     workload_clients: int = 300
@@ -162,7 +169,8 @@ class Settings:
                      "workload_events", "workload_clients", "collector_max_events",
                      "collector_rate_burst", "collector_secret_rate_burst",
                      "collector_max_pending_events", "dead_letter_alarm_min_events",
-                     "dedupe_max_ids"):  # fmt: skip
+                     "dedupe_max_ids", "analyst_min_users", "retention_event_days",
+                     "retention_rollup_days"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise SettingsError(f"TALLY_{name.upper()}: must be at least 1")
         for name in ("raw_retention_hours", "sink_batch_interval_s", "session_timeout_s",

@@ -13,6 +13,7 @@ import secrets
 import signal
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
@@ -23,6 +24,7 @@ from deploy.wiring import open_writer, query_service_file, sink_config
 from sinks.consumer import EnrichedSink
 from sinks.migrations import apply_migrations
 from sinks.query_service import QueryService, SerializedBackend
+from sinks.retention import drop_expired_partitions
 from sinks.writer import ClickHouseWriter
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,38 @@ def _write_private(path: Path, data: bytes) -> None:
     staging.replace(path)
 
 
+RETENTION_INTERVAL_S = 24 * 3600.0
+
+
+@contextlib.contextmanager
+def daily_retention(
+    backend: SerializedBackend, settings: Settings, stop: threading.Event
+) -> Iterator[None]:
+    """Drop partitions past retention now and every day after, while the block runs."""
+    done = threading.Event()
+
+    def drop_daily() -> None:
+        while True:
+            try:
+                drop_expired_partitions(
+                    backend,
+                    datetime.now(UTC).date(),
+                    settings.retention_event_days,
+                    settings.retention_rollup_days,
+                )
+            except Exception as err:  # ClickHouse away: the next day tries again
+                log.warning("retention failed, trying again in a day: %s", err)
+            if stop.wait(RETENTION_INTERVAL_S) or done.is_set():
+                return
+
+    thread = threading.Thread(target=drop_daily, name="retention", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
 def run_sink_service(settings: Settings) -> int:
     """Consume the enriched topic into ClickHouse until stopped; see the module docstring."""
     if not settings.kafka_bootstrap:
@@ -71,13 +105,14 @@ def run_sink_service(settings: Settings) -> int:
     stop = stop_on_signals()
     backend = SerializedBackend(open_writer(settings))
     try:
-        apply_migrations(backend)
+        apply_migrations(backend, settings.analyst_min_users)
         config = sink_config(settings, settings.kafka_bootstrap)
         sink = EnrichedSink(config, ClickHouseWriter(backend))
         try:
             with contextlib.ExitStack() as stack:
                 if backend.name == "embedded":
                     stack.enter_context(serving_queries(backend, query_service_file(settings)))
+                stack.enter_context(daily_retention(backend, settings, stop))
                 log.info(
                     "sink ready: %s into %s ClickHouse, database %s (group %s)",
                     config.topics.enriched,

@@ -55,7 +55,8 @@ def run_up(settings: Settings, policy: RestartPolicy = DEFAULT_RESTART_POLICY) -
     dying (exit 1 with one line naming it and its log)."""
     try:
         with contextlib.closing(open_backend(settings)) as backend:
-            apply_migrations(backend)  # closed before the sink opens embedded ClickHouse
+            # closed before the sink opens embedded ClickHouse
+            apply_migrations(backend, settings.analyst_min_users)
         with contextlib.ExitStack() as stack:
             bootstrap = stack.enter_context(kafka_for(settings))
             ensure_topics(bootstrap, topic_specs(settings))

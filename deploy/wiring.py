@@ -71,6 +71,17 @@ def open_backend(settings: Settings) -> ClickHouseBackend:
     return EmbeddedClickHouse(settings.state_dir / "clickhouse", settings.clickhouse_database)
 
 
+def user_pseudonyms(settings: Settings, user_id: str) -> list[str]:
+    """The pseudonyms of a user id under every live key of the ring (``full`` consent). Daily
+    keys of ``anonymous`` consent are not used: their pseudonyms are unlinkable by design."""
+    from schemas.consent import Consent
+
+    return [
+        Pseudonymizer(key).pseudonymize_id(user_id, Consent.FULL, "")
+        for key in settings.hmac_keys()
+    ]
+
+
 def query_service_file(settings: Settings) -> Path:
     """Where a sink that owns embedded ClickHouse says how to query through it (mode 0600)."""
     return settings.state_dir / "run" / "query-service.json"

@@ -22,6 +22,7 @@ class ReasonCode(StrEnum):
     PROCESSING_ERROR = "processing_error"
     APP_MISMATCH = "app_mismatch"
     TOO_LATE = "too_late"
+    STORAGE_REJECTED = "storage_rejected"
 
 
 REASON_DESCRIPTIONS: dict[ReasonCode, str] = {
@@ -53,5 +54,9 @@ REASON_DESCRIPTIONS: dict[ReasonCode, str] = {
     ReasonCode.TOO_LATE: (
         "an event later than TALLY_ALLOWED_LATENESS_S allows: its session was already "
         "summarized, or (by client time) it happened longer ago than that"
+    ),
+    ReasonCode.STORAGE_REJECTED: (
+        "ClickHouse refused the record for good (a type mismatch, a missing table or column); "
+        "the rest of its batch was stored"
     ),
 }

@@ -11,11 +11,12 @@ import re
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import CommitFailedError, GroupIdNotFoundError, KafkaError, for_code
 
 from schemas.batch import split_enriched_message
@@ -23,7 +24,15 @@ from schemas.dead_letter import dead_letter
 from schemas.reasons import ReasonCode
 from schemas.summaries import OUTPUT_MODELS
 from schemas.topics import TopicNames
-from sinks.writer import ClickHouseWriter, RecordOutOfContract, to_row
+from sinks.writer import (
+    SOURCE_AT,
+    ClickHouseWriter,
+    RecordOutOfContract,
+    Row,
+    SourceOffsets,
+    to_row,
+    with_source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +121,28 @@ def _fetch_subscribed_metadata(consumer: KafkaConsumer, timeout_s: float) -> Non
         log.debug("topic metadata not fetched before joining: %s", err)
 
 
+def _last_offsets(messages: list[Any]) -> SourceOffsets:
+    last: SourceOffsets = {}
+    for message in messages:
+        key = (message.topic, message.partition)
+        last[key] = max(last.get(key, -1), message.offset)
+    return last
+
+
+class _ForgetStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Reads the stored offsets again after a rebalance: another sink may have written the
+    partitions meanwhile."""
+
+    def __init__(self, sink: "EnrichedSink") -> None:
+        self._sink = sink
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        self._sink._stored_offsets = None
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        self._sink._stored_offsets = None
+
+
 class EnrichedSink:
     """Moves the enriched topic into ClickHouse. Not thread-safe: one thread runs it."""
 
@@ -125,12 +156,20 @@ class EnrichedSink:
         self.records_done = 0
         """The records (events, summaries) in them: an enriched message holds several."""
         self.dead_letters = 0
+        self.replays_skipped = 0
+        """Records not written again because their offset was already stored."""
+        self.insert_failures = 0
+        self.max_messages_held = 0
+        """The most messages held at once: one batch, however long ClickHouse is away."""
         self.first_write_at: float | None = None
+        self._stored_offsets: dict[int, int] | None = None
+        """Stored offsets per partition, read again after each rebalance (None: unread)."""
+        self.after_insert: Callable[[], None] | None = None
+        """Called between a batch's insert and its commit: where a test places a crash."""
         # Joining before the group's coordinator is up, or before this consumer knows the
         # topic's partitions, costs WARNING lines and a rebalance: both are awaited first.
         _await_group_coordinator(config.bootstrap, config.group_id, _COORDINATOR_WAIT_S)
         self._consumer = KafkaConsumer(
-            config.topics.enriched,
             bootstrap_servers=config.bootstrap,
             group_id=config.group_id,
             enable_auto_commit=False,
@@ -138,6 +177,7 @@ class EnrichedSink:
             max_poll_records=config.batch_size,
             allow_auto_create_topics=False,  # topics are made to their spec, never on demand
         )
+        self._consumer.subscribe([config.topics.enriched], listener=_ForgetStoredOffsets(self))
         _fetch_subscribed_metadata(self._consumer, _COORDINATOR_WAIT_S)
         self._producer = KafkaProducer(
             bootstrap_servers=config.bootstrap,
@@ -189,15 +229,72 @@ class EnrichedSink:
 
     def write_batch(self, messages: list[Any], stop: threading.Event) -> int:
         """Insert a batch, retrying with backoff until it succeeds or ``stop`` is set, then
-        commit. Returns rows written (0 if stopped before the insert succeeded)."""
-        grouped: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
-        done_here = 0
+        commit. Returns rows written (0 if stopped before the insert succeeded).
+
+        While ClickHouse is down this holds the one batch and does not poll, so nothing more
+        is fetched: memory stays bounded, the offsets stay uncommitted, and the broker keeps
+        the records. Records at or below the partition's stored offset (a replay after a
+        crash between insert and commit) are skipped without a query.
+        """
+        self.max_messages_held = max(self.max_messages_held, len(messages))
+        backoff = 0.2
+        rows_of: tuple[dict[str, list[Row]], int, int] | None = None
+        while True:
+            try:
+                if rows_of is None:  # once: it dead-letters what cannot be a row
+                    rows_of = self._rows_of(messages)
+                grouped, done_here, skipped = rows_of
+                result = self.writer.write(grouped, _last_offsets(messages))
+                break
+            except Exception as err:  # transient, or a bug: keep offsets, retry
+                log.warning("ClickHouse insert failed, retrying in %.1fs: %s", backoff, err)
+                self.insert_failures += 1
+                if stop.wait(backoff):
+                    return 0
+                backoff = min(backoff * 2, self.config.max_backoff_s)
+        if self.after_insert is not None:
+            self.after_insert()
+        if result.rejected:
+            by_source = {(m.topic, m.partition, m.offset): m for m in messages}
+            for event_type, row in result.rejected:
+                source = tuple(row[at] for at in SOURCE_AT[event_type])
+                message = by_source[source]
+                self._dead_letter(message, ReasonCode.STORAGE_REJECTED, event_type)
+        if self.dead_letters:
+            self._producer.flush()
+        try:
+            self._consumer.commit()
+        except CommitFailedError:
+            # The group rebalanced under us: whoever owns the partitions now replays this
+            # batch, and the stored offsets and event ids keep it from counting twice.
+            log.warning("offsets not committed after a rebalance; the batch will be replayed")
+        self.messages_done += len(messages)
+        self.records_done += done_here
+        self.replays_skipped += skipped
+        written = result.written
+        log.debug("wrote %d rows from %d messages", written, len(messages))
+        if written and self.first_write_at is None:
+            self.first_write_at = time.time()
+        self.rows_written += written
+        return written
+
+    def _rows_of(self, messages: list[Any]) -> tuple[dict[str, list[Row]], int, int]:
+        """Rows by event type (dead-lettering what cannot be a row), records in the batch,
+        and records skipped as already stored."""
+        if self._stored_offsets is None:
+            self._stored_offsets = self.writer.stored_offsets(self.config.topics.enriched)
+        stored = self._stored_offsets
+        grouped: dict[str, list[Row]] = defaultdict(list)
+        done_here = skipped = 0
         for message in messages:
             try:
                 records = split_enriched_message(message.value)
             except (orjson.JSONDecodeError, TypeError):
                 records = [None]
             done_here += len(records)
+            if message.offset <= stored.get(message.partition, -1):
+                skipped += len(records)
+                continue
             for record in records:
                 if not isinstance(record, dict):
                     self._dead_letter(message, ReasonCode.MALFORMED_JSON)
@@ -207,32 +304,10 @@ class EnrichedSink:
                 except RecordOutOfContract:
                     self._dead_letter(message, ReasonCode.INVALID_FIELD, record.get("event_type"))
                     continue
-                grouped[event_type].append(row)
-        backoff = 0.2
-        while True:
-            try:
-                written = self.writer.write(grouped)
-                break
-            except Exception as err:  # ClickHouse down or refusing: keep the offsets, retry
-                log.warning("ClickHouse insert failed, retrying in %.1fs: %s", backoff, err)
-                if stop.wait(backoff):
-                    return 0
-                backoff = min(backoff * 2, self.config.max_backoff_s)
-        if self.dead_letters:
-            self._producer.flush()
-        try:
-            self._consumer.commit()
-        except CommitFailedError:
-            # The group rebalanced under us: whoever owns the partitions now replays this
-            # batch, and the tables keep one row per event id, so this is no loss.
-            log.warning("offsets not committed after a rebalance; the batch will be replayed")
-        self.messages_done += len(messages)
-        self.records_done += done_here
-        log.debug("wrote %d rows from %d messages", written, len(messages))
-        if written and self.first_write_at is None:
-            self.first_write_at = time.time()
-        self.rows_written += written
-        return written
+                grouped[event_type].append(
+                    with_source(row, message.topic, message.partition, message.offset)
+                )
+        return grouped, done_here, skipped
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set; the batch in hand is written before returning."""

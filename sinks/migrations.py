@@ -12,23 +12,70 @@ from datetime import UTC, datetime
 
 from schemas.enriched import ENRICHED_COLUMNS, table_name
 from schemas.events import EVENT_TYPES
+from schemas.summaries import OUTPUT_MODELS
+from sinks.analyst_views import (
+    ANALYST_VIEWS,
+    MIRROR_CLUSTER,
+    analyst_views_ddl,
+    server_mirror_ddl,
+)
 from sinks.backends import ClickHouseBackend
+from sinks.rollups import rollups_ddl
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS_TABLE = "tally_migrations"
+DEFAULT_MIN_USERS = 10
+STORED_TYPES = (*EVENT_TYPES, *OUTPUT_MODELS)
+"""Every type with an event-level table: the clients' events and the stream's summaries."""
+SOURCE_COLUMNS = (
+    ("kafka_topic", "String"),
+    ("kafka_partition", "UInt32"),
+    ("kafka_offset", "UInt64"),
+)
+"""Where the sink read each row: an audit trail from a row back to its enriched record."""
+SINK_OFFSETS_TABLE = "tally_sink_offsets"
+"""The enriched offsets whose records are all stored, one row per partition per batch."""
+ERASURES_TABLE = "tally_erasures"
+"""Pseudonyms erased (``tally erase``), whose rows the writer never stores again."""
 
 
 def event_table_ddl(event_type: str) -> str:
-    """One table per event type. ReplacingMergeTree keyed by event id makes every write
-    idempotent: a replayed event collapses into its first copy (read with FINAL)."""
-    columns = ",\n    ".join(f"{name} {ch_type}" for name, ch_type in ENRICHED_COLUMNS[event_type])
+    """One table per event type. The writer inserts each event id once (``sinks.writer``),
+    so plain ``count()`` and materialized views count each event once; ReplacingMergeTree
+    keyed by event id is the second line of defence (read with FINAL)."""
+    declared = ENRICHED_COLUMNS[event_type]
+    columns = ",\n    ".join(f"{name} {ch_type}" for name, ch_type in declared)
     return (
         f"CREATE TABLE IF NOT EXISTS {table_name(event_type)} (\n    {columns}\n)\n"
         "ENGINE = ReplacingMergeTree()\n"
         "PARTITION BY toYYYYMMDD(event_time)\n"
         "ORDER BY (event_time, event_id)"
     )
+
+
+def add_source_columns(backend: ClickHouseBackend) -> list[str]:
+    """The Kafka source of each row, on tables made before the sink recorded it (older rows
+    read topic '' and offset 0)."""
+    statements = []
+    for event_type in STORED_TYPES:
+        table = table_name(event_type)
+        existing = {name for name, _ in table_columns(backend, table)}
+        for name, ch_type in SOURCE_COLUMNS:
+            if name not in existing:
+                statements.append(f"ALTER TABLE {table} ADD COLUMN {name} {ch_type}")
+    return statements
+
+
+def sink_bookkeeping_ddl() -> list[str]:
+    return [
+        f"CREATE TABLE IF NOT EXISTS {SINK_OFFSETS_TABLE} (kafka_topic String, "
+        "kafka_partition UInt32, kafka_offset UInt64, written_at DateTime('UTC')) "
+        "ENGINE = MergeTree() PARTITION BY toYYYYMM(written_at) "
+        "ORDER BY (kafka_topic, kafka_partition, kafka_offset)",
+        f"CREATE TABLE IF NOT EXISTS {ERASURES_TABLE} (user_pseudonym String, "
+        "erased_at DateTime('UTC')) ENGINE = ReplacingMergeTree() ORDER BY user_pseudonym",
+    ]
 
 
 def table_columns(backend: ClickHouseBackend, table: str) -> list[tuple[str, str]]:
@@ -66,7 +113,10 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "event_tables", lambda _: [event_table_ddl(t) for t in EVENT_TYPES]),
     Migration(2, "quality_sample_v2", add_declared_columns),
     Migration(3, "session_summary", lambda _: [event_table_ddl("session_summary")]),
-)
+    Migration(4, "sink_source_and_bookkeeping", lambda b: [*add_source_columns(b),
+                                                           *sink_bookkeeping_ddl()]),
+    Migration(5, "hourly_rollups", lambda _: rollups_ddl()),
+)  # fmt: skip
 
 
 def applied_versions(backend: ClickHouseBackend) -> set[int]:
@@ -78,8 +128,9 @@ def applied_versions(backend: ClickHouseBackend) -> set[int]:
     return {row[0] for row in backend.query(f"SELECT version FROM {MIGRATIONS_TABLE}")}
 
 
-def apply_migrations(backend: ClickHouseBackend) -> list[int]:
-    """Apply the migrations not yet recorded; returns the versions applied now.
+def apply_migrations(backend: ClickHouseBackend, min_users: int = DEFAULT_MIN_USERS) -> list[int]:
+    """Apply the migrations not yet recorded, then make the analyst views afresh for
+    ``min_users``; returns the versions applied now.
 
     Every statement is idempotent (IF NOT EXISTS), so a run interrupted between a statement
     and its record is safely applied again.
@@ -98,4 +149,28 @@ def apply_migrations(backend: ClickHouseBackend) -> list[int]:
         )
         log.info("applied ClickHouse migration %04d_%s", migration.version, migration.name)
         applied.append(migration.version)
+    for statement in analyst_views_ddl(min_users):
+        backend.execute(statement)
+    if backend.name == "server":
+        _mirror_analyst_views(backend)
     return applied
+
+
+def _mirror_analyst_views(backend: ClickHouseBackend) -> None:
+    """The analyst user's copy of the views, where the server has the loopback cluster."""
+    clusters = backend.query(
+        f"SELECT count() FROM system.clusters WHERE cluster = '{MIRROR_CLUSTER}'"
+    )
+    if not clusters[0][0]:
+        log.warning(
+            "the server defines no cluster %s in remote_servers: the analyst database is "
+            "not made (deploy/clickhouse/config.xml shows the definition)",
+            MIRROR_CLUSTER,
+        )
+        return
+    described = {
+        view.name: [(row[0], row[1]) for row in backend.query(f"DESCRIBE TABLE {view.name}")]
+        for view in ANALYST_VIEWS
+    }
+    for statement in server_mirror_ddl(backend.database, described):
+        backend.execute(statement)

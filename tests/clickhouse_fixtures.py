@@ -8,6 +8,7 @@ are marked ``clickhouse``.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,20 @@ _CLICKHOUSE_FIXTURES = frozenset({"clickhouse_server", "backend"})
 def clickhouse_unavailable(reason: str) -> NoReturn:
     """Skip the test, or fail it in CI, where a service that cannot start is a failure."""
     service_unavailable(f"ClickHouse server did not start: {reason}")
+
+
+@contextlib.contextmanager
+def private_clickhouse_server(state: Path) -> Iterator[ClickHouseServer]:
+    """A server of the test's own under ``state``, on free ports, stopped on the way out (for
+    tests that stop it or log in to it; others share ``clickhouse_server``)."""
+    tcp_port, http_port = free_ports(2)
+    try:
+        try:
+            yield start_clickhouse_server(state, tcp_port=tcp_port, http_port=http_port)
+        except ClickHouseStartError as exc:
+            clickhouse_unavailable(str(exc))
+    finally:
+        stop_clickhouse_server(state)
 
 
 def unique_database_name() -> str:

@@ -1,16 +1,25 @@
 """Migrations on both ClickHouse backends: tables agree with the schemas column for column."""
 
 from schemas.enriched import ENRICHED_COLUMNS, table_name
-from schemas.events import EVENT_TYPES
 from sinks.backends import ClickHouseBackend
-from sinks.migrations import MIGRATIONS, apply_migrations, table_columns
+from sinks.migrations import (
+    MIGRATIONS,
+    SOURCE_COLUMNS,
+    STORED_TYPES,
+    apply_migrations,
+    table_columns,
+)
 
 
 def test_tables_match_the_declarations(backend: ClickHouseBackend):
-    """After migrating, every event table has exactly the declared columns and types."""
+    """After migrating, every event table has exactly the declared columns and types, then
+    the Kafka source of the row."""
     assert apply_migrations(backend) == [m.version for m in MIGRATIONS]
-    for event_type in EVENT_TYPES:
-        assert table_columns(backend, table_name(event_type)) == list(ENRICHED_COLUMNS[event_type])
+    for event_type in STORED_TYPES:
+        assert table_columns(backend, table_name(event_type)) == [
+            *ENRICHED_COLUMNS[event_type],
+            *SOURCE_COLUMNS,
+        ]
 
 
 def test_migrating_twice_changes_nothing(backend: ClickHouseBackend):
@@ -29,6 +38,7 @@ def test_a_table_from_before_a_new_version_gains_its_columns(backend: ClickHouse
         "PARTITION BY toYYYYMMDD(event_time) ORDER BY (event_time, event_id)"
     )
     apply_migrations(backend)
-    assert table_columns(backend, table_name("quality_sample")) == list(
-        ENRICHED_COLUMNS["quality_sample"]
-    )
+    assert table_columns(backend, table_name("quality_sample")) == [
+        *ENRICHED_COLUMNS["quality_sample"],
+        *SOURCE_COLUMNS,
+    ]

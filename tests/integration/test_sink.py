@@ -12,10 +12,9 @@ import orjson
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
-from deploy.clickhouse import ClickHouseStartError, start_clickhouse_server, stop_clickhouse_server
+from deploy.clickhouse import start_clickhouse_server, stop_clickhouse_server
 from deploy.kafka import ensure_topics
 from deploy.run import SinkThread, StageFailed, sink_thread
-from deploy.services.ports import free_ports
 from deploy.settings import load_settings
 from deploy.wiring import sink_config, topic_specs
 from schemas.enriched import table_name
@@ -27,7 +26,7 @@ from sinks.migrations import apply_migrations
 from sinks.writer import ClickHouseWriter
 from streams.enrich import NOWHERE, Lookups, enrich
 from streams.pseudonymize import HmacKey, Pseudonymizer
-from tests.clickhouse_fixtures import clickhouse_unavailable
+from tests.clickhouse_fixtures import private_clickhouse_server
 
 DEADLINE_S = 60.0
 KEY = HmacKey("k-sink", bytes(32))
@@ -127,19 +126,18 @@ def _poll(condition: Callable[[], bool], what: str, deadline_s: float = DEADLINE
         time.sleep(0.1)
 
 
-def test_the_sink_rides_out_a_clickhouse_server_restart(
+OUTAGE_S = 30.0
+
+
+def test_the_sink_rides_out_a_clickhouse_server_outage_of_30_s(
     config: SinkConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
-    """With the server stopped mid-run the sink retries with backoff and keeps its offsets;
-    once the server is back it writes every record exactly once, without a restart."""
+    """With the server stopped for 30 s while records keep coming, the sink retries with
+    backoff, keeps its offsets and holds one batch at most (it stops fetching); once the
+    server is back it writes every record exactly once, without a restart."""
     caplog.set_level(logging.WARNING, logger="sinks.consumer")
     state = tmp_path / "clickhouse"
-    tcp_port, http_port = free_ports(2)
-    try:
-        try:
-            server = start_clickhouse_server(state, tcp_port=tcp_port, http_port=http_port)
-        except ClickHouseStartError as exc:
-            clickhouse_unavailable(str(exc))
+    with private_clickhouse_server(state) as server:
         backend = ServerClickHouse(server.host, server.tcp_port, database="restart")
         apply_migrations(backend)
         sink = EnrichedSink(config, ClickHouseWriter(backend))
@@ -147,18 +145,21 @@ def test_the_sink_rides_out_a_clickhouse_server_restart(
             produce(config, enriched_logins(50))
             _poll(lambda: sink.rows_written >= 50, "the first 50 rows are written")
             stop_clickhouse_server(state)
-            produce(config, enriched_logins(50))
-            _poll(lambda: "ClickHouse insert failed" in caplog.text, "an insert fails")
-            sinking.check()
+            outage_ends = time.monotonic() + OUTAGE_S
+            sent = 50
+            while time.monotonic() < outage_ends:  # under load for the whole outage
+                produce(config, enriched_logins(200))
+                sent += 200
+                sinking.check()
+            assert "ClickHouse insert failed" in caplog.text
             assert sink.rows_written == 50
-            start_clickhouse_server(state, tcp_port=tcp_port, http_port=http_port)
-            _poll(lambda: sink.rows_written >= 100, "the sink catches up")
+            start_clickhouse_server(state, tcp_port=server.tcp_port, http_port=server.http_port)
+            _poll(lambda: sink.rows_written >= sent, "the sink catches up", 120)
             sinking.check()
+        assert sink.max_messages_held <= sink.config.batch_size
         rows = backend.query(f"SELECT count(), uniqExact(event_id) FROM {table_name('login')}")
-        assert rows == [(100, 100)]
+        assert rows == [(sent, sent)]
         backend.close()
-    finally:
-        stop_clickhouse_server(state)
 
 
 def test_a_sink_that_dies_is_reported_not_silent(config: SinkConfig, backend):
@@ -179,3 +180,124 @@ def test_a_sink_that_dies_is_reported_not_silent(config: SinkConfig, backend):
                 time.sleep(0.1)
     finally:
         sinking.stop()
+
+
+def test_a_row_clickhouse_refuses_is_dead_lettered_and_the_rest_written(
+    config: SinkConfig, backend
+):
+    """A value ClickHouse cannot take (here a schema version past UInt16) is found by halving
+    the insert and dead-lettered as storage_rejected; the batch's other rows are written,
+    once, and the sink goes on without retrying."""
+    apply_migrations(backend)
+    bad = orjson.loads(enriched_logins(1)[0]) | {"schema_version": 70_000}
+    produce(config, [*enriched_logins(5), orjson.dumps(bad), *enriched_logins(2)])
+    sink = EnrichedSink(config, ClickHouseWriter(backend))
+    try:
+        drain(sink, threading.Event(), until=8)
+    finally:
+        sink.close()
+    assert (count_logins(backend), sink.dead_letters, sink.insert_failures) == (7, 1, 0)
+    letters = _dead_letters(config)
+    assert [(x["reason"], x["event_type"]) for x in letters] == [("storage_rejected", "login")]
+
+
+def test_a_missing_column_dead_letters_its_table_only(config: SinkConfig, backend):
+    """When a table lacks a column the sink writes, that table's rows are dead-lettered at
+    once (no halving, no retry) and the other tables are written."""
+    apply_migrations(backend)
+    backend.execute(f"ALTER TABLE {table_name('login')} DROP COLUMN auth_method")
+    summary = session_summary_record()
+    produce(config, [*enriched_logins(3), orjson.dumps(summary)])
+    sink = EnrichedSink(config, ClickHouseWriter(backend))
+    try:
+        drain(sink, threading.Event(), until=4)
+    finally:
+        sink.close()
+    assert (sink.rows_written, sink.dead_letters, sink.insert_failures) == (1, 3, 0)
+    assert {x["reason"] for x in _dead_letters(config)} == {"storage_rejected"}
+
+
+def session_summary_record() -> dict:
+    from tests.sink_records import summary
+
+    return summary(int(time.time()), "someone")
+
+
+def _dead_letters(config: SinkConfig) -> list[dict]:
+    dead = KafkaConsumer(config.topics.dead, bootstrap_servers=config.bootstrap,
+                         auto_offset_reset="earliest", consumer_timeout_ms=2000)  # fmt: skip
+    letters = [orjson.loads(m.value) for m in dead]
+    dead.close()
+    return letters
+
+
+_KILLED_SINK = """
+import os, signal, sys, threading
+from deploy.run import sink_thread
+from schemas.topics import TopicNames
+from sinks.backends import EmbeddedClickHouse, ServerClickHouse
+from sinks.consumer import EnrichedSink, SinkConfig
+from sinks.writer import ClickHouseWriter
+bootstrap, namespace, kind, where, database = sys.argv[1:]
+if kind == "server":
+    host, port = where.split(":")
+    backend = ServerClickHouse(host, int(port), database=database)
+else:
+    backend = EmbeddedClickHouse(__import__("pathlib").Path(where), database)
+config = SinkConfig(bootstrap, TopicNames(namespace), batch_interval_s=0.3)
+sink = EnrichedSink(config, ClickHouseWriter(backend))
+sink.after_insert = lambda: os.kill(os.getpid(), signal.SIGKILL)
+sink.run(threading.Event())
+"""
+
+
+def test_a_sink_killed_between_insert_and_commit_skips_the_batch_on_restart(
+    config: SinkConfig, backend
+):
+    """SIGKILL the sink after ClickHouse has the batch and before Kafka has the commit: the
+    restarted sink skips the replayed records by their stored offsets (no id query needed),
+    and every event and rollup counts once."""
+    import subprocess
+    import sys
+
+    from tests.sink_records import assert_each_event_once, assert_rollups_recompute
+
+    apply_migrations(backend)
+    values = [*enriched_logins(20), *(orjson.dumps(session_summary_record()) for _ in range(5))]
+    produce(config, values)
+    if backend.name == "server":
+        where = f"{backend.host}:{backend.port}"
+    else:
+        where = str(backend.path)
+        backend.close()  # one process per embedded folder: the sink's now
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED_SINK, config.bootstrap, config.topics.namespace,
+         backend.name, where, backend.database],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert child.returncode == -9, child.stderr[-2000:]
+    if backend.name == "embedded":
+        from sinks.backends import EmbeddedClickHouse
+
+        backend = EmbeddedClickHouse(Path(where), backend.database)
+    try:
+        [(stored,)] = backend.query(f"SELECT count() FROM {table_name('login')}")
+        assert stored > 0, "the killed sink wrote nothing before its kill"
+        sink = EnrichedSink(config, ClickHouseWriter(backend))
+        try:
+            deadline = time.monotonic() + DEADLINE_S
+            while sink.records_done < len(values) and time.monotonic() < deadline:
+                messages = sink.poll_batch()
+                if messages:
+                    sink.write_batch(messages, threading.Event())
+        finally:
+            sink.close()
+        assert sink.replays_skipped > 0, "the restarted sink did not skip the stored batch"
+        assert sink.writer.duplicates_skipped == 0
+        counts = assert_each_event_once(backend)
+        assert counts[table_name("login")] == 20
+        assert counts[table_name("session_summary")] == 5
+        assert_rollups_recompute(backend)
+    finally:
+        if backend.name == "embedded":
+            backend.close()
