@@ -93,6 +93,12 @@ class ClickHouseBackend(Protocol):
         """Run a SELECT and return its rows as tuples, in the order ClickHouse sent them."""
         ...
 
+    def query_with_strings(self, sql: str, strings: Sequence[str]) -> list[tuple[Any, ...]]:
+        """Run a SELECT in which ``{strings}`` names a one-column table (``value String``)
+        holding ``strings``: a long IN list without parsing it as SQL text (a fifth of the
+        time for 5,000 ids)."""
+        ...
+
     def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         """Insert rows (values in `columns` order) with one INSERT statement.
 
@@ -175,6 +181,12 @@ class EmbeddedClickHouse(_ClosesOnExit):
     def query(self, sql: str) -> list[tuple[Any, ...]]:
         """Run a SELECT; values are rebuilt from JSONCompact by the `meta` column types."""
         return rows_from_json_compact(self.query_json_compact(sql))
+
+    def query_with_strings(self, sql: str, strings: Sequence[str]) -> list[tuple[Any, ...]]:
+        """The strings go in as an Arrow table read by the `Python()` table function."""
+        tally_strings = pa.table({"value": pa.array(strings, type=pa.string())})  # noqa: F841
+        payload = self._run(sql.format(strings="Python(tally_strings)"), "JSONCompact")
+        return rows_from_json_compact(bytes(payload.bytes()))
 
     def query_json_compact(self, sql: str) -> bytes:
         """Run a SELECT and return ClickHouse's JSONCompact output as it is (for a process
@@ -272,6 +284,20 @@ class ServerClickHouse(_ClosesOnExit):
     def query(self, sql: str) -> list[tuple[Any, ...]]:
         """Run a SELECT; DateTime values are normalized to timezone-aware UTC."""
         rows, column_types = self._call(sql, with_column_types=True)
+        converters = [_driver_converter(kind, self._server_zone) for _, kind in column_types]
+        return _convert_rows(rows, converters)
+
+    def query_with_strings(self, sql: str, strings: Sequence[str]) -> list[tuple[Any, ...]]:
+        """The strings go in as an external table of the query (native protocol)."""
+        rows, column_types = self._call(
+            sql.format(strings="tally_strings"),
+            with_column_types=True,
+            external_tables=[{
+                "name": "tally_strings",
+                "structure": [("value", "String")],
+                "data": [{"value": value} for value in strings],
+            }],
+        )  # fmt: skip
         converters = [_driver_converter(kind, self._server_zone) for _, kind in column_types]
         return _convert_rows(rows, converters)
 

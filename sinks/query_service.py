@@ -49,6 +49,10 @@ class SerializedBackend:
         with self.lock:
             return self.backend.query(sql)
 
+    def query_with_strings(self, sql: str, strings: Sequence[str]) -> list[tuple[Any, ...]]:
+        with self.lock:
+            return self.backend.query_with_strings(sql, strings)
+
     def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         with self.lock:
             self.backend.insert(table, columns, rows)
@@ -162,6 +166,9 @@ class RemoteClickHouse:
         except ClickHouseError:
             return False
         return True
+
+    def query_with_strings(self, sql: str, strings: Sequence[str]) -> list[tuple[Any, ...]]:
+        raise ClickHouseError(None, "not served: the sink process owns embedded ClickHouse")
 
     def execute(self, sql: str) -> None:
         raise ClickHouseError(None, "read-only: the sink process owns embedded ClickHouse")

@@ -2,12 +2,12 @@
 
 Exactly once, on both backends (18.16 has no insert deduplication tokens), by three checks:
 
-- Offsets. Every row carries the Kafka topic, partition and offset it was read from, and
-  after a batch's inserts succeed the writer records the batch's last offset per partition in
-  ``tally_sink_offsets``. A sink that replays (it crashed between insert and commit) skips the
-  records at or below it (``stored_offsets``). The record is written after every table's
-  insert, so a crash between two tables' inserts leaves it unwritten and the replay goes to
-  the next check.
+- Offsets. Every row carries the Kafka topic, partition and offset it was read from. After
+  a batch's inserts succeed, the writer records the last offset per partition in
+  ``tally_sink_offsets`` (with the first batch, then every few seconds). A sink that replays
+  (it crashed between insert and commit) skips the records at or below it
+  (``stored_offsets``). The record is written after every table's insert, so a crash
+  between two tables' inserts leaves it unwritten and the replay goes to the next check.
 - Event ids. Rows whose event id is already stored (the stream step re-sent an event after a
   crash, under a new offset; a table's insert succeeded before a crash) and repeats within the
   batch are dropped before the insert: one query per table per batch, within the batch's
@@ -22,6 +22,8 @@ a transient one: the rows it concerns are returned as rejected, found by halving
 and the rest is written. A transient error is raised for the caller to retry the batch.
 """
 
+import operator
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -66,17 +68,15 @@ def _quoted(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _converter(ch_type: str) -> Any:
-    if ch_type.startswith("DateTime"):
-        return lambda v: datetime.fromtimestamp(v, UTC)
-    return None
-
-
-_CONVERTERS = {
-    event_type: [(name, _converter(ch_type)) for name, ch_type in columns]
+_VALUES_OF = {
+    event_type: operator.itemgetter(*(name for name, _ in columns))
     for event_type, columns in ENRICHED_COLUMNS.items()
 }
-_COLUMNS = {
+_DATETIMES_AT = {
+    event_type: [n for n, (_, ch_type) in enumerate(columns) if ch_type.startswith("DateTime")]
+    for event_type, columns in ENRICHED_COLUMNS.items()
+}
+ROW_COLUMNS: Final = {
     event_type: [name for name, _ in columns] + [name for name, _ in SOURCE_COLUMNS]
     for event_type, columns in ENRICHED_COLUMNS.items()
 }
@@ -86,13 +86,14 @@ def to_row(record: Mapping[str, Any]) -> tuple[str, Row]:
     """The table and the row of one enriched record, columns in table order (without the
     source columns, which ``with_source`` adds)."""
     try:
-        converters = _CONVERTERS[record["event_type"]]
-        row = tuple(
-            convert(record[name]) if convert else record[name] for name, convert in converters
-        )
+        event_type = record["event_type"]
+        values = list(_VALUES_OF[event_type](record))  # C speed: a fifth of a loop's time
+        for at in _DATETIMES_AT[event_type]:
+            values[at] = datetime.fromtimestamp(values[at], UTC)
+        row = tuple(values)
     except (KeyError, TypeError, ValueError, OverflowError, OSError):
         raise RecordOutOfContract("enriched record does not fit its table") from None
-    return record["event_type"], row
+    return event_type, row
 
 
 def with_source(row: Row, topic: str, partition: int, offset: int) -> Row:
@@ -100,7 +101,7 @@ def with_source(row: Row, topic: str, partition: int, offset: int) -> Row:
 
 
 def _position(event_type: str, name: str) -> int:
-    return _COLUMNS[event_type].index(name)
+    return ROW_COLUMNS[event_type].index(name)
 
 
 _ID_TIME_USER = {
@@ -131,8 +132,14 @@ class WriteResult:
 class ClickHouseWriter:
     """Writes batches of rows (with their source columns); one data part per table per call."""
 
-    def __init__(self, backend: ClickHouseBackend) -> None:
+    def __init__(self, backend: ClickHouseBackend, offsets_record_interval_s: float = 2.0) -> None:
         self.backend = backend
+        self.offsets_record_interval_s = offsets_record_interval_s
+        """Offsets are recorded with the first batch, then at most this often (a one-row
+        insert costs as much as a third of a 5,000-row one); a replay of batches written
+        since is caught by their event ids instead."""
+        self._pending_offsets: SourceOffsets = {}
+        self._offsets_recorded_at = -float("inf")
         self.duplicates_skipped = 0
         self.erased_skipped = 0
         self.written_by_type: Counter[str] = Counter()
@@ -149,7 +156,8 @@ class ClickHouseWriter:
     def write(
         self, rows_by_type: Mapping[str, list[Row]], source_offsets: SourceOffsets | None = None
     ) -> WriteResult:
-        """Insert the rows not stored yet, then record ``source_offsets`` as stored.
+        """Insert the rows not stored yet, then record ``source_offsets`` as stored (with
+        those of earlier calls not recorded yet; see ``offsets_record_interval_s``).
 
         Raises the backend's error when it may pass (ClickHouse unreachable, overloaded):
         retry the whole call, which skips what an earlier attempt stored.
@@ -165,19 +173,25 @@ class ClickHouseWriter:
                 result.written += written
                 self.written_by_type[event_type] += written
         if source_offsets:
+            self._pending_offsets.update(source_offsets)
+        if self._pending_offsets and (
+            time.monotonic() - self._offsets_recorded_at >= self.offsets_record_interval_s
+        ):
             now = datetime.now(UTC)
             self.backend.insert(
                 SINK_OFFSETS_TABLE,
                 ["kafka_topic", "kafka_partition", "kafka_offset", "written_at"],
                 [(topic, partition, offset, now)
-                 for (topic, partition), offset in sorted(source_offsets.items())],
+                 for (topic, partition), offset in sorted(self._pending_offsets.items())],
             )  # fmt: skip
+            self._pending_offsets = {}
+            self._offsets_recorded_at = time.monotonic()
         return result
 
     def _insert(self, event_type: str, rows: list[Row], rejected: list[tuple[str, Row]]) -> int:
         """Insert, halving around rows ClickHouse refuses for good; returns rows written."""
         try:
-            self.backend.insert(table_name(event_type), _COLUMNS[event_type], rows)
+            self.backend.insert(table_name(event_type), ROW_COLUMNS[event_type], rows)
             return len(rows)
         except (ClickHouseError, ValueError) as err:
             if not is_permanent(err):
@@ -214,13 +228,14 @@ class ClickHouseWriter:
         if not unique:
             return []
         times = [int(row[time_at].timestamp()) for row in unique]
-        ids = ", ".join(_quoted(row[id_at]) for row in unique)
         stored = {
             event_id
-            for (event_id,) in self.backend.query(
+            for (event_id,) in self.backend.query_with_strings(
                 f"SELECT event_id FROM {table_name(event_type)} "
                 f"WHERE event_time >= toDateTime({min(times)}) "
-                f"AND event_time <= toDateTime({max(times)}) AND event_id IN ({ids})"
+                f"AND event_time <= toDateTime({max(times)}) "
+                "AND event_id IN (SELECT value FROM {strings})",
+                [row[id_at] for row in unique],
             )
         }
         return [row for row in unique if row[id_at] not in stored]

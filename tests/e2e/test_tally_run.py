@@ -86,6 +86,7 @@ def test_tally_run_twice_reports_exact_counts_and_leaves_nothing(state_dir: Path
     assert first.returncode == 0, first.stderr[-3000:]
     assert "fetched Kafka broker jars" in first.stderr
     assert "Logins per hour, read back from ClickHouse" in first.stdout
+    assert "Service quality" in first.stdout and "call quality" in first.stdout
     hours, total, failed = _report(first.stdout)
     assert (total, failed) == _logins(300, seed=1)
     assert sum(n for _, n, _ in hours) == total

@@ -86,13 +86,18 @@ def test_replays_and_resends_count_once_and_rollups_recompute(backend: ClickHous
     assert (logins, failures, users) == (60, 30, 30)
 
 
-def test_stored_offsets_are_the_last_of_each_written_batch(backend: ClickHouseBackend):
+def test_stored_offsets_are_the_last_of_the_written_batches(backend: ClickHouseBackend):
+    """Recorded with the first batch, then at most once an interval, covering the batches
+    written meanwhile."""
     apply_migrations(backend, K)
-    writer = ClickHouseWriter(backend)
+    writer = ClickHouseWriter(backend, offsets_record_interval_s=3600)
     write(writer, workload(["a"], NOW), partition=3, first_offset=10)
     write(writer, workload(["b"], NOW), partition=3, first_offset=14)
     write(writer, workload(["c"], NOW), partition=0, first_offset=0)
-    assert writer.stored_offsets("enriched") == {3: 17, 0: 3}
+    assert writer.stored_offsets("enriched") == {3: 13}
+    writer.offsets_record_interval_s = 0
+    write(writer, workload(["d"], NOW), partition=0, first_offset=4)
+    assert writer.stored_offsets("enriched") == {3: 17, 0: 7}
     assert writer.stored_offsets("another") == {}
 
 
