@@ -49,9 +49,8 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
     import faust
-    from prometheus_client import start_http_server
 
-    from deploy.wiring import CurrentLookups, stream_config
+    from deploy.wiring import CurrentLookups, serve_metrics, stream_config
     from streams.app import create_app
     from streams.metrics import new_stream_metrics
 
@@ -61,16 +60,12 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     metrics = new_stream_metrics()
     app = create_app(config, CurrentLookups(settings), metrics)
     if settings.worker_metrics_port:
-        address = f"{settings.worker_metrics_host}:{settings.worker_metrics_port}"
-        try:
-            start_http_server(
-                settings.worker_metrics_port, settings.worker_metrics_host, metrics.registry
-            )
-        except OSError as err:
-            raise SettingsError(
-                f"TALLY_WORKER_METRICS_PORT: cannot serve metrics on {address}: {err.strerror}"
-            ) from None
-        log.info("stream worker metrics on http://%s/metrics", address)
+        serve_metrics(
+            metrics.registry,
+            settings.worker_metrics_host,
+            settings.worker_metrics_port,
+            "TALLY_WORKER_METRICS_PORT",
+        )
 
     class StreamWorker(faust.Worker):
         async def on_startup_finished(self) -> None:

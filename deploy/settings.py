@@ -86,6 +86,9 @@ class Settings:
     worker_metrics_port: int = 0
     """The port of the worker's metrics; 0: not served (several workers on one machine each
     need a port of their own)."""
+    sink_metrics_host: str = "127.0.0.1"
+    sink_metrics_port: int = 0
+    """Where ``tally sink`` serves Prometheus ``/metrics`` (0: not served)."""
     collector_max_body_bytes: int = 1024 * 1024
     """Largest request body, as sent and after gzip decoding (413 above): 1 MiB holds 500
     typical events uncompressed."""
@@ -182,8 +185,9 @@ class Settings:
                      "quality_fair_loss_pct"):  # fmt: skip
             if not getattr(self, name) > 0:  # NaN too
                 raise SettingsError(f"TALLY_{name.upper()}: must be positive")
-        if not 0 <= self.worker_metrics_port < 65536:
-            raise SettingsError("TALLY_WORKER_METRICS_PORT: not a TCP port (0: not served)")
+        for name in ("worker_metrics_port", "sink_metrics_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise SettingsError(f"TALLY_{name.upper()}: not a TCP port (0: not served)")
         if not self.dead_letter_alarm_pause_s >= 0:
             raise SettingsError("TALLY_DEAD_LETTER_ALARM_PAUSE_S: must not be negative")
         if not 0 < self.dead_letter_alarm_share <= 1:

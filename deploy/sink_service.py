@@ -20,8 +20,9 @@ from types import FrameType
 import orjson
 
 from deploy.settings import Settings, SettingsError
-from deploy.wiring import open_writer, query_service_file, sink_config
+from deploy.wiring import open_writer, query_service_file, serve_metrics, sink_config
 from sinks.consumer import EnrichedSink
+from sinks.metrics import new_sink_metrics
 from sinks.migrations import apply_migrations
 from sinks.query_service import QueryService, SerializedBackend
 from sinks.retention import drop_expired_partitions
@@ -107,7 +108,15 @@ def run_sink_service(settings: Settings) -> int:
     try:
         apply_migrations(backend, settings.analyst_min_users)
         config = sink_config(settings, settings.kafka_bootstrap)
-        sink = EnrichedSink(config, ClickHouseWriter(backend))
+        metrics = new_sink_metrics()
+        if settings.sink_metrics_port:
+            serve_metrics(
+                metrics.registry,
+                settings.sink_metrics_host,
+                settings.sink_metrics_port,
+                "TALLY_SINK_METRICS_PORT",
+            )
+        sink = EnrichedSink(config, ClickHouseWriter(backend), metrics)
         try:
             with contextlib.ExitStack() as stack:
                 if backend.name == "embedded":

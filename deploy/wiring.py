@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
@@ -80,6 +80,20 @@ def user_pseudonyms(settings: Settings, user_id: str) -> list[str]:
         Pseudonymizer(key).pseudonymize_id(user_id, Consent.FULL, "")
         for key in settings.hmac_keys()
     ]
+
+
+def serve_metrics(registry: Any, host: str, port: int, setting: str) -> None:
+    """Serve a registry's ``/metrics`` (Prometheus) on a thread of its own; a port that cannot
+    be bound stops the service with one line naming the setting."""
+    from prometheus_client import start_http_server
+
+    try:
+        start_http_server(port, host, registry)
+    except OSError as err:
+        raise SettingsError(
+            f"{setting}: cannot serve metrics on {host}:{port}: {err.strerror}"
+        ) from None
+    log.info("metrics on http://%s:%d/metrics", host, port)
 
 
 def query_service_file(settings: Settings) -> Path:

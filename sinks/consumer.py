@@ -24,12 +24,14 @@ from schemas.dead_letter import dead_letter
 from schemas.reasons import ReasonCode
 from schemas.summaries import OUTPUT_MODELS
 from schemas.topics import TopicNames
+from sinks.metrics import SinkMetrics, new_sink_metrics
 from sinks.writer import (
     SOURCE_AT,
     ClickHouseWriter,
     RecordOutOfContract,
     Row,
     SourceOffsets,
+    WriteResult,
     to_row,
     with_source,
 )
@@ -146,9 +148,12 @@ class _ForgetStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
 class EnrichedSink:
     """Moves the enriched topic into ClickHouse. Not thread-safe: one thread runs it."""
 
-    def __init__(self, config: SinkConfig, writer: ClickHouseWriter) -> None:
+    def __init__(
+        self, config: SinkConfig, writer: ClickHouseWriter, metrics: SinkMetrics | None = None
+    ) -> None:
         self.config = config
         self.writer = writer
+        self.metrics = metrics or new_sink_metrics()
         self.rows_written = 0
         """Rows inserted: each event once (a replayed one is not inserted again)."""
         self.messages_done = 0
@@ -205,6 +210,7 @@ class EnrichedSink:
         )
         self._producer.send(self.config.topics.dead, letter)
         self.dead_letters += 1
+        self.metrics.dead_letters.labels(reason.value).inc()
 
     @property
     def event_rows_written(self) -> int:
@@ -237,6 +243,7 @@ class EnrichedSink:
         crash between insert and commit) are skipped without a query.
         """
         self.max_messages_held = max(self.max_messages_held, len(messages))
+        duplicates, erased = self.writer.duplicates_skipped, self.writer.erased_skipped
         backoff = 0.2
         rows_of: tuple[dict[str, list[Row]], int, int] | None = None
         while True:
@@ -244,11 +251,13 @@ class EnrichedSink:
                 if rows_of is None:  # once: it dead-letters what cannot be a row
                     rows_of = self._rows_of(messages)
                 grouped, done_here, skipped = rows_of
-                result = self.writer.write(grouped, _last_offsets(messages))
+                with self.metrics.insert_seconds.time():
+                    result = self.writer.write(grouped, _last_offsets(messages))
                 break
             except Exception as err:  # transient, or a bug: keep offsets, retry
                 log.warning("ClickHouse insert failed, retrying in %.1fs: %s", backoff, err)
                 self.insert_failures += 1
+                self.metrics.insert_failures.inc()
                 if stop.wait(backoff):
                     return 0
                 backoff = min(backoff * 2, self.config.max_backoff_s)
@@ -271,12 +280,30 @@ class EnrichedSink:
         self.messages_done += len(messages)
         self.records_done += done_here
         self.replays_skipped += skipped
+        self._count(result, done_here, skipped, duplicates, erased)
         written = result.written
         log.debug("wrote %d rows from %d messages", written, len(messages))
         if written and self.first_write_at is None:
             self.first_write_at = time.time()
         self.rows_written += written
         return written
+
+    def _count(
+        self, result: WriteResult, records: int, replayed: int, duplicates: int, erased: int
+    ) -> None:
+        metrics = self.metrics
+        metrics.records.inc(records)
+        metrics.batch_records.observe(records)
+        metrics.count_written(result.inserted)
+        metrics.rows_skipped.labels("replayed").inc(replayed)
+        metrics.rows_skipped.labels("duplicate").inc(self.writer.duplicates_skipped - duplicates)
+        metrics.rows_skipped.labels("erased").inc(self.writer.erased_skipped - erased)
+        metrics.last_write.set(time.time())
+        for partition in self._consumer.assignment():
+            end = self._consumer.highwater(partition)
+            if end is not None:
+                lag = max(0, end - self._consumer.position(partition))
+                metrics.consumer_lag.labels(str(partition.partition)).set(lag)
 
     def _rows_of(self, messages: list[Any]) -> tuple[dict[str, list[Row]], int, int]:
         """Rows by event type (dead-lettering what cannot be a row), records in the batch,

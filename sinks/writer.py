@@ -127,6 +127,8 @@ class WriteResult:
     written: int = 0
     rejected: list[tuple[str, Row]] = field(default_factory=list)
     """(event type, row) of the rows ClickHouse refused for good."""
+    inserted: dict[str, list[Row]] = field(default_factory=dict)
+    """The rows inserted, by event type."""
 
 
 class ClickHouseWriter:
@@ -169,9 +171,14 @@ class ClickHouseWriter:
             fresh = self._not_stored(event_type, kept)
             self.duplicates_skipped += len(kept) - len(fresh)
             if fresh:
+                refused_before = len(result.rejected)
                 written = self._insert(event_type, fresh, result.rejected)
                 result.written += written
                 self.written_by_type[event_type] += written
+                refused = {id(row) for _, row in result.rejected[refused_before:]}
+                result.inserted[event_type] = (
+                    [row for row in fresh if id(row) not in refused] if refused else fresh
+                )
         if source_offsets:
             self._pending_offsets.update(source_offsets)
         if self._pending_offsets and (

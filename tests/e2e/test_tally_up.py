@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import pytest
 
+from deploy.services.ports import free_ports
 from deploy.settings import Settings, load_settings
 from deploy.wiring import open_reader, topic_names
 from producers.sdk import TallyProducer
@@ -27,6 +29,7 @@ from tests.e2e.commands import (
     stop_and_wait,
     tally_environ,
 )
+from tests.integration.test_alert_rules import exposed_names, metric_names_in_rules
 from tests.sink_records import assert_each_event_once, rollups_differing
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
@@ -36,7 +39,25 @@ STOP_DEADLINE_S = 60.0
 
 
 def up_environ(state_dir: Path) -> dict[str, str]:
-    return tally_environ(state_dir, TALLY_SINK_BATCH_INTERVAL_S="0.3")
+    """With the worker's and the sink's metrics served, on ports taken free once per folder."""
+    ports = state_dir.parent / "metrics-ports"
+    if not ports.exists():
+        ports.parent.mkdir(parents=True, exist_ok=True)
+        ports.write_text(" ".join(map(str, free_ports(2))))
+    worker_port, sink_port = ports.read_text().split()
+    return tally_environ(
+        state_dir, TALLY_SINK_BATCH_INTERVAL_S="0.3", TALLY_WORKER_METRICS_PORT=worker_port,
+        TALLY_SINK_METRICS_PORT=sink_port,
+    )  # fmt: skip
+
+
+def scraped_metric_names(settings: Settings) -> set[str]:
+    """Every sample name on the collector's, the worker's and the sink's /metrics."""
+    names: set[str] = set()
+    for port in (settings.collector_port, settings.worker_metrics_port, settings.sink_metrics_port):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+            names |= exposed_names(page.read().decode())
+    return names
 
 
 def start_up(state_dir: Path) -> tuple[subprocess.Popen[bytes], Path]:
@@ -156,6 +177,8 @@ def test_services_restart_after_sigkill_and_every_event_lands_once(state_dir: Pa
         assert sum(shown["rows"].values()) == sent
         report = tally(state_dir, "report")
         assert report.returncode == 0 and "total" in report.stdout, report.stderr
+        unexposed = metric_names_in_rules() - scraped_metric_names(settings)
+        assert not unexposed, f"alerts.yml names metrics no stage exposes: {unexposed}"
         assert "Service quality" in report.stdout and "sessions" in report.stdout
         as_json = tally(state_dir, "report", "--format", "json")
         assert orjson.loads(as_json.stdout)["now"]["logins"] > 0, as_json.stderr

@@ -199,6 +199,13 @@ def test_a_row_clickhouse_refuses_is_dead_lettered_and_the_rest_written(
     assert (count_logins(backend), sink.dead_letters, sink.insert_failures) == (7, 1, 0)
     letters = _dead_letters(config)
     assert [(x["reason"], x["event_type"]) for x in letters] == [("storage_rejected", "login")]
+    metric = sink.metrics.registry.get_sample_value
+    assert metric("tally_sink_dead_letters_total", {"reason": "storage_rejected"}) == 1
+    assert metric("tally_sink_rows_written_total", {"table": table_name("login")}) == 7
+    assert metric("tally_sink_records_total") == 8
+    failed = metric("tally_logins_total", {"outcome": "failure"}) or 0
+    assert failed + (metric("tally_logins_total", {"outcome": "success"}) or 0) == 7
+    assert (metric("tally_sink_last_write_timestamp_seconds") or 0) > time.time() - 60
 
 
 def test_a_missing_column_dead_letters_its_table_only(config: SinkConfig, backend):
