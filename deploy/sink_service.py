@@ -71,9 +71,7 @@ RETENTION_INTERVAL_S = 24 * 3600.0
 
 
 @contextlib.contextmanager
-def daily_retention(
-    backend: SerializedBackend, settings: Settings, stop: threading.Event
-) -> Iterator[None]:
+def daily_retention(backend: SerializedBackend, settings: Settings) -> Iterator[None]:
     """Drop partitions past retention now and every day after, while the block runs."""
     done = threading.Event()
 
@@ -88,7 +86,7 @@ def daily_retention(
                 )
             except Exception as err:  # ClickHouse away: the next day tries again
                 log.warning("retention failed, trying again in a day: %s", err)
-            if stop.wait(RETENTION_INTERVAL_S) or done.is_set():
+            if done.wait(RETENTION_INTERVAL_S):
                 return
 
     thread = threading.Thread(target=drop_daily, name="retention", daemon=True)
@@ -121,7 +119,7 @@ def run_sink_service(settings: Settings) -> int:
             with contextlib.ExitStack() as stack:
                 if backend.name == "embedded":
                     stack.enter_context(serving_queries(backend, query_service_file(settings)))
-                stack.enter_context(daily_retention(backend, settings, stop))
+                stack.enter_context(daily_retention(backend, settings))
                 log.info(
                     "sink ready: %s into %s ClickHouse, database %s (group %s)",
                     config.topics.enriched,

@@ -19,7 +19,7 @@ read the event tables or rollups.
 from dataclasses import dataclass
 from typing import Final
 
-from sinks.rollups import DIMENSIONS, ROLLUPS, Measure, Rollup
+from sinks.rollups import ROLLUPS, Measure, Rollup
 
 MIRROR_CLUSTER: Final = "tally_self"
 """The cluster (in the server's ``remote_servers``) the analyst mirror reads the views over."""
@@ -129,6 +129,3 @@ def server_mirror_ddl(database: str, described: dict[str, list[tuple[str, str]]]
             f"ENGINE = Distributed({MIRROR_CLUSTER}, {database}, {view.name})"
         )
     return statements
-
-
-__all__ = ["ANALYST_VIEWS", "DIMENSIONS", "OTHER", "analyst_view", "analyst_views_ddl"]

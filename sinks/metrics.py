@@ -21,10 +21,9 @@ from schemas.reasons import ReasonCode
 
 _INSERT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 10, 50, 100, 500, 1000, 2500, 5000, 10000)
-_SERVICE_LABELS = {
-    "login": ("outcome", ("success", "failure")),
-    "session_summary": ("end_reason", ("normal", "dropped", "error", "timeout")),
-}
+_LOGIN_OUTCOMES = ("success", "failure")
+_END_REASONS = ("normal", "dropped", "error", "timeout")
+_QUALITY_CLASSES = ("good", "fair", "poor")
 
 
 def _position(event_type: str, column: str) -> int:
@@ -132,11 +131,11 @@ def new_sink_metrics() -> SinkMetrics:
         metrics.dead_letters.labels(reason.value)
     for why in ("replayed", "duplicate", "erased"):
         metrics.rows_skipped.labels(why)
-    for outcome in _SERVICE_LABELS["login"][1]:
+    for outcome in _LOGIN_OUTCOMES:
         metrics.logins.labels(outcome)
-    for end_reason in _SERVICE_LABELS["session_summary"][1]:
+    for end_reason in _END_REASONS:
         metrics.sessions.labels(end_reason)
-    for quality_class in ("good", "fair", "poor"):
+    for quality_class in _QUALITY_CLASSES:
         metrics.calls.labels(quality_class)
     metrics.last_write.set(0)
     return metrics

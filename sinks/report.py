@@ -4,7 +4,7 @@ analyst views, so small-count suppression applies to every figure in it."""
 import csv
 import io
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -293,7 +293,3 @@ def report_as_csv(report: QualityReport) -> str:
 def _padded(now: list[float], before: list[float]) -> list[tuple[Any, Any]]:
     blank: list[Any] = [""] * len(_LEVELS.split(", "))
     return list(zip(now or blank, before or blank, strict=True))
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
