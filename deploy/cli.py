@@ -92,6 +92,14 @@ def _collector(settings: Settings, args: argparse.Namespace) -> int:
     return run_collector_service(settings)
 
 
+def _dashboard(settings: Settings, args: argparse.Namespace) -> int:
+    from deploy.dashboard import run_dashboard_service
+
+    if not settings.dashboard_port:
+        raise SettingsError("TALLY_DASHBOARD_PORT: 0 serves no dashboard; name a port")
+    return run_dashboard_service(settings)
+
+
 def _apps(settings: Settings, args: argparse.Namespace) -> int:
     import orjson
 
@@ -390,6 +398,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "collector", help="the HTTP collector: events over HTTP into the raw topic, until stopped"
     ).set_defaults(handler=_collector)
+    sub.add_parser(
+        "dashboard", help="the built-in quality dashboard on loopback, until stopped"
+    ).set_defaults(handler=_dashboard)
     apps = sub.add_parser("apps", help="the apps that may send to the collector, and their keys")
     apps_sub = apps.add_subparsers(dest="action", required=True)
     add = apps_sub.add_parser("add", help="register an app and print its keys, once")

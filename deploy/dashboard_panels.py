@@ -1,7 +1,8 @@
 """The quality dashboard's panels, once: the Grafana dashboard (deploy/grafana/) is generated
-from them (`python -m deploy.dashboard_panels`). Every SQL panel reads only the analyst views,
-so small-count suppression applies, and uses the ClickHouse plugin's macros
-(``$__timeFilter``), which ``expand_macros`` expands the way the plugin does so the tests
+from them (`python -m deploy.dashboard_panels`), and `tally up`'s built-in dashboard
+(deploy/dashboard/) runs them with its filters (``dashboard_sql``). Every SQL panel reads
+only the analyst views, so small-count suppression applies, and uses the ClickHouse plugin's
+macros (``$__timeFilter``), which ``expand_macros`` expands the way the plugin does so the tests
 can run each panel against both backends."""
 
 import json
@@ -10,6 +11,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
+
+from sinks.analyst_views import ANALYST_VIEWS, FILTER_DIMENSIONS, filtered_view
+from sinks.backends import sql_string
+from sinks.rollups import QUANTILE_LEVELS
 
 GRAFANA_DIR: Final = Path(__file__).resolve().parent / "grafana"
 DASHBOARD_FILE: Final = GRAFANA_DIR / "dashboards" / "tally-service-quality.json"
@@ -43,6 +48,14 @@ def _top(view: str, column: str, value: str, name: str) -> str:
     )
 
 
+def _quantile(measure: str, level: float, name: str, scale: int = 1) -> str:
+    """A quantile over every row read, whatever the view's breakdown, from the merged states."""
+    levels = ", ".join(str(each) for each in QUANTILE_LEVELS)
+    index = QUANTILE_LEVELS.index(level) + 1
+    scaled = f" / {scale}" if scale != 1 else ""
+    return f"quantilesIfMerge({levels})({measure}_state)[{index}]{scaled} AS {name}"
+
+
 PANELS: Final = (
     Panel("Call quality: good, fair and poor shares", "timeseries",
           ("time", "good_share", "fair_share", "poor_share"),
@@ -51,13 +64,13 @@ PANELS: Final = (
                       for c in ("good", "fair", "poor"))), unit="percentunit"),
     Panel("Round-trip time and jitter (ms, session medians)", "timeseries",
           ("time", "rtt_p50", "rtt_p95", "jitter_p50", "jitter_p95"),
-          _per_hour("analyst_sessions_hourly",
-                    "any(rtt_ms[1]) AS rtt_p50", "any(rtt_ms[2]) AS rtt_p95",
-                    "any(jitter_ms[1]) AS jitter_p50", "any(jitter_ms[2]) AS jitter_p95"),
-          unit="ms"),
+          _per_hour("analyst_sessions_hourly", _quantile("rtt_ms", 0.5, "rtt_p50"),
+                    _quantile("rtt_ms", 0.95, "rtt_p95"),
+                    _quantile("jitter_ms", 0.5, "jitter_p50"),
+                    _quantile("jitter_ms", 0.95, "jitter_p95")), unit="ms"),
     Panel("Packet loss (%) and MOS", "timeseries", ("time", "loss_p50", "loss_p95", "mos_p50"),
-          _per_hour("analyst_sessions_hourly", "any(loss_pct[1]) AS loss_p50",
-                    "any(loss_pct[2]) AS loss_p95", "any(mos[1]) AS mos_p50")),
+          _per_hour("analyst_sessions_hourly", _quantile("loss_pct", 0.5, "loss_p50"),
+                    _quantile("loss_pct", 0.95, "loss_p95"), _quantile("mos", 0.5, "mos_p50"))),
     Panel("Poor calls by reason", "timeseries", ("time", "rtt_poor", "jitter_poor", "loss_poor"),
           _per_hour("analyst_sessions_by_quality_class_quality_reason_hourly",
                     *(f"sumIf(sessions, quality_class = 'poor' AND quality_reason = '{r}')"
@@ -68,9 +81,9 @@ PANELS: Final = (
                     "sum(errored) / sum(sessions) AS error_rate",
                     "sum(timed_out) / sum(sessions) AS timeout_rate"), unit="percentunit"),
     Panel("Session duration (s)", "timeseries", ("time", "p50", "p95", "p99"),
-          _per_hour("analyst_sessions_hourly", "any(duration_ms[1]) / 1000 AS p50",
-                    "any(duration_ms[2]) / 1000 AS p95", "any(duration_ms[3]) / 1000 AS p99"),
-          unit="s"),
+          _per_hour("analyst_sessions_hourly",
+                    *(_quantile("duration_ms", level, f"p{round(level * 100)}", scale=1000)
+                      for level in QUANTILE_LEVELS)), unit="s"),
     Panel("Login failure rate", "timeseries", ("time", "failure_rate"),
           _per_hour("analyst_logins_hourly", "sum(failures) / sum(logins) AS failure_rate"),
           unit="percentunit"),
@@ -113,6 +126,38 @@ def expand_macros(sql: str, start: datetime, end: datetime) -> str:
         ),
         sql,
     )
+
+
+_SOURCE = re.compile(r"\bFROM (analyst_\w+) WHERE (\$__timeFilter\(\w+\))")
+_VIEWS = {view.name: view for view in ANALYST_VIEWS}
+
+
+def dashboard_sql(
+    panel: Panel, start: datetime, end: datetime, filters: dict[str, str]
+) -> tuple[str, bool]:
+    """The panel's SQL over ``start``..``end``, filtered on ``filters`` (filter dimension ->
+    value) when its breakdown allows, and whether it was. A panel broken down by something
+    no view crosses with the filter dimensions (failure reason, quality class) is shown
+    unfiltered."""
+    unknown = set(filters) - set(FILTER_DIMENSIONS)
+    if unknown:
+        raise ValueError(f"not a filter dimension: {', '.join(sorted(unknown))}")
+    sql, filtered = panel.sql, False
+    found = _SOURCE.search(sql)
+    if filters and found:
+        view = _VIEWS[found.group(1)]
+        name = filtered_view(view.rollup.name, view.breakdown, tuple(filters), view.grain)
+        if name is not None:
+            conditions = "".join(
+                f" AND {dimension} = {sql_string(value)}"
+                for dimension, value in sorted(filters.items())
+            )
+            sql = (
+                f"{sql[: found.start()]}FROM {name} WHERE {found.group(2)}{conditions}"
+                + sql[found.end() :]
+            )
+            filtered = True
+    return expand_macros(sql, start, end), filtered
 
 
 def _target(panel: Panel) -> list[dict[str, Any]]:

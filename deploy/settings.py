@@ -89,6 +89,11 @@ class Settings:
     sink_metrics_host: str = "127.0.0.1"
     sink_metrics_port: int = 0
     """Where ``tally sink`` serves Prometheus ``/metrics`` (0: not served)."""
+    dashboard_host: str = "127.0.0.1"
+    """Where `tally up` serves the built-in dashboard; loopback unless something in front of
+    it authenticates its readers (it shows aggregates only, small groups hidden)."""
+    dashboard_port: int = 8751
+    """0: `tally up` serves no dashboard."""
     collector_max_body_bytes: int = 1024 * 1024
     """Largest request body, as sent and after gzip decoding (413 above): 1 MiB holds 500
     typical events uncompressed."""
@@ -185,7 +190,7 @@ class Settings:
                      "quality_fair_loss_pct"):  # fmt: skip
             if not getattr(self, name) > 0:  # NaN too
                 raise SettingsError(f"TALLY_{name.upper()}: must be positive")
-        for name in ("worker_metrics_port", "sink_metrics_port"):
+        for name in ("worker_metrics_port", "sink_metrics_port", "dashboard_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise SettingsError(f"TALLY_{name.upper()}: not a TCP port (0: not served)")
         if not self.dead_letter_alarm_pause_s >= 0:

@@ -44,9 +44,12 @@ def service_specs(settings: Settings, bootstrap: str) -> list[ChildSpec]:
     """The supervised services in start order (stopped in the reverse order)."""
     env = {**os.environ, **settings_environ(settings), "TALLY_KAFKA_BOOTSTRAP": bootstrap}
     logs = settings.state_dir / "logs"
+    names = ["sink", "worker", "collector"]
+    if settings.dashboard_port:
+        names.append("dashboard")
     return [
         ChildSpec(name, [sys.executable, "-m", "deploy.cli", name], logs / f"{name}.log", env)
-        for name in ("sink", "worker", "collector")
+        for name in names
     ]
 
 

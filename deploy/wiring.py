@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -117,6 +118,24 @@ def open_reader(settings: Settings) -> ClickHouseBackend:
         if remote.answers():
             return remote
     return open_backend(settings)
+
+
+def open_shared_reader(settings: Settings) -> ClickHouseBackend:
+    """Like ``open_reader``, but never opens embedded ClickHouse itself (that would lock the
+    sink out of its folder): raises EmbeddedInUseError until the sink's query service
+    answers."""
+    from sinks.backends import EmbeddedInUseError
+    from sinks.query_service import RemoteClickHouse
+
+    if settings.clickhouse_backend != "embedded":
+        return open_backend(settings)
+    connection = query_service_file(settings)
+    with contextlib.suppress(OSError, orjson.JSONDecodeError, KeyError):
+        found = orjson.loads(connection.read_bytes())
+        remote = RemoteClickHouse(found["url"], found["token"], settings.clickhouse_database)
+        if remote.answers():
+            return remote
+    raise EmbeddedInUseError(None, "the sink's query service is not answering yet")
 
 
 def open_writer(settings: Settings, *, wait_s: float = 30.0) -> ClickHouseBackend:

@@ -44,14 +44,21 @@ class AnalystView:
 
 
 _ROLLUP = {rollup.name: rollup for rollup in ROLLUPS}
+FILTER_DIMENSIONS: Final = (
+    "app_id", "software_version", "os_family", "browser_family", "country_code",
+)  # fmt: skip
+"""The dimensions a dashboard filters by. Every rollup has one view broken down by all of them
+at once, for filters in combination: a combination with fewer than ``min_users`` users is
+hidden like any other group, so the narrower the filter, the more of it reads ``other``."""
 _BREAKDOWNS: Final = {
     "logins": ((), ("outcome", "failure_reason"), ("software_version",), ("os_family",),
-               ("browser_family",), ("country_code",), ("app_id", "channel")),
+               ("browser_family",), ("country_code",), ("app_id", "channel"),
+               FILTER_DIMENSIONS),
     "sessions": ((), ("end_reason",), ("quality_class", "quality_reason"), ("session_kind",),
                  ("software_version",), ("os_family",), ("browser_family",), ("country_code",),
-                 ("device_class",), ("app_id", "channel")),
+                 ("device_class",), ("app_id", "channel"), FILTER_DIMENSIONS),
     "clients": ((), ("software_version",), ("os_family",), ("browser_family",),
-                ("device_class",), ("platform",), ("country_code",)),
+                ("device_class",), ("platform",), ("country_code",), FILTER_DIMENSIONS),
 }  # fmt: skip
 
 ANALYST_VIEWS: Final = tuple(
@@ -68,6 +75,22 @@ def analyst_view(rollup: str, breakdown: tuple[str, ...] = (), grain: str = "hou
     if view not in ANALYST_VIEWS:
         raise ValueError(f"no analyst view of {rollup} by {breakdown} {grain}")
     return view.name
+
+
+def filtered_view(
+    rollup: str, breakdown: tuple[str, ...], filters: tuple[str, ...], grain: str
+) -> str | None:
+    """The view to read a rollup broken down by ``breakdown`` and filtered on ``filters``:
+    the one-dimension view when that is all it takes (fewer groups are hidden), else the view
+    by every filter dimension; None when the breakdown is not among the filter dimensions."""
+    wanted = set(breakdown) | set(filters)
+    if not wanted <= set(FILTER_DIMENSIONS):
+        return None
+    if len(wanted) <= 1:
+        single = AnalystView(_ROLLUP[rollup], tuple(wanted), grain)
+        if single in ANALYST_VIEWS:
+            return single.name
+    return analyst_view(rollup, FILTER_DIMENSIONS, grain)
 
 
 def _is_count(measure: Measure) -> bool:

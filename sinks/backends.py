@@ -454,6 +454,11 @@ def _own_folder(path: Path, wait_s: float) -> Any:
     return handle
 
 
+def sql_string(value: str) -> str:
+    """A ClickHouse string literal of any text."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def rows_from_json_compact(payload: bytes) -> list[_Row]:
     """Rows of a JSONCompact result, with the types the backend interface promises."""
     if not payload:

@@ -31,7 +31,12 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from schemas.enriched import ENRICHED_COLUMNS, table_name
-from sinks.backends import ClickHouseBackend, ClickHouseError, ClickHouseUnavailableError
+from sinks.backends import (
+    ClickHouseBackend,
+    ClickHouseError,
+    ClickHouseUnavailableError,
+    sql_string,
+)
 from sinks.migrations import ERASURES_TABLE, SINK_OFFSETS_TABLE, SOURCE_COLUMNS
 
 Row = tuple[Any, ...]
@@ -61,11 +66,6 @@ def is_permanent(error: Exception) -> bool:
     if isinstance(error, ClickHouseError):
         return error.code in _TABLE_ERRORS or error.code in _ROW_ERRORS
     return False
-
-
-def _quoted(value: str) -> str:
-    """A ClickHouse string literal (event ids are validated UUIDs; quote them all the same)."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 _VALUES_OF = {
@@ -151,7 +151,7 @@ class ClickHouseWriter:
         """The last offset per partition of ``topic`` whose batch is wholly stored."""
         rows = self.backend.query(
             f"SELECT kafka_partition, max(kafka_offset) FROM {SINK_OFFSETS_TABLE} "
-            f"WHERE kafka_topic = {_quoted(topic)} GROUP BY kafka_partition"
+            f"WHERE kafka_topic = {sql_string(topic)} GROUP BY kafka_partition"
         )
         return {int(partition): int(offset) for partition, offset in rows}
 

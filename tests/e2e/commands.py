@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 from deploy.services.ports import free_ports
@@ -16,20 +17,21 @@ from tests.kafka_fixtures import KAFKA_JARS_DIR
 def tally_environ(
     state_dir: Path, *, jars_dir: Path | None = KAFKA_JARS_DIR, **extra: str
 ) -> dict[str, str]:
-    """Settings for a command on ``state_dir``, with broker and collector ports taken free
-    once per folder (a broker's storage keeps its controller's address, so a folder keeps
+    """Settings for a command on ``state_dir``, with broker, collector and dashboard ports
+    taken free once per folder (a broker's storage keeps its controller's address, so a folder keeps
     its ports)."""
     ports = state_dir.parent / "ports"
     if not ports.exists():
         ports.parent.mkdir(parents=True, exist_ok=True)
-        ports.write_text(" ".join(map(str, free_ports(3))))
-    port, controller_port, collector_port = ports.read_text().split()
+        ports.write_text(" ".join(map(str, free_ports(4))))
+    port, controller_port, collector_port, dashboard_port = ports.read_text().split()
     env = {
         **os.environ,
         "TALLY_STATE_DIR": str(state_dir),
         "TALLY_KAFKA_PORT": port,
         "TALLY_KAFKA_CONTROLLER_PORT": controller_port,
         "TALLY_COLLECTOR_PORT": collector_port,
+        "TALLY_DASHBOARD_PORT": dashboard_port,
         "TALLY_SESSION_TIMEOUT_S": "6",
         **extra,
     }
@@ -86,3 +88,17 @@ def stop_and_wait(process: subprocess.Popen[bytes], signum: int, timeout_s: floa
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def start_tally_up(
+    state_dir: Path, environ: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """`tally up` on ``state_dir`` as from a terminal, its output in a file beside the folder."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    output = state_dir.parent / "up.out"
+    with output.open("ab") as out:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "deploy.cli", "up"], env=environ, stdout=out,
+            stderr=subprocess.STDOUT, preexec_fn=as_from_a_terminal,
+        )  # fmt: skip
+    return up, output

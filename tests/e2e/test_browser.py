@@ -24,7 +24,7 @@ from deploy.settings import Settings, load_settings
 from deploy.wiring import open_reader
 from schemas.enriched import enriched_fields, table_name
 from sinks.backends import ClickHouseError
-from tests.e2e.commands import as_from_a_terminal, stop_and_wait, tally_environ
+from tests.e2e.commands import start_tally_up, stop_and_wait, tally_environ
 from tests.integration.test_browser_sdk import IPV4, IPV6, PAGE_TIMEOUT_MS, chromium
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
@@ -86,13 +86,7 @@ def test_a_browser_call_reaches_clickhouse_enriched_and_pseudonymized(state_dir:
     )
     settings = load_settings(environ)
     origin = f"http://127.0.0.1:{port}"
-    state_dir.mkdir(parents=True, exist_ok=True)
-    output = state_dir.parent / "up.out"
-    with output.open("ab") as out:
-        up = subprocess.Popen(
-            [sys.executable, "-m", "deploy.cli", "up"], env=environ, stdout=out,
-            stderr=subprocess.STDOUT, preexec_fn=as_from_a_terminal,
-        )  # fmt: skip
+    up, output = start_tally_up(state_dir, environ)
     user_id = f"u-e2e-{uuid.uuid4().hex[:10]}"
     try:
         poll(lambda: "tally up: running" in output.read_text(), "it runs", up)

@@ -24,8 +24,8 @@ from schemas.enriched import table_name
 from schemas.events import EVENT_TYPES
 from sinks.backends import ClickHouseError
 from tests.e2e.commands import (
-    as_from_a_terminal,
     processes_under,
+    start_tally_up,
     stop_and_wait,
     tally_environ,
 )
@@ -61,15 +61,7 @@ def scraped_metric_names(settings: Settings) -> set[str]:
 
 
 def start_up(state_dir: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    output = state_dir.parent / "up.out"
-    with output.open("ab") as out:
-        up = subprocess.Popen(
-            [sys.executable, "-m", "deploy.cli", "up"],
-            env=up_environ(state_dir), stdout=out, stderr=subprocess.STDOUT,
-            preexec_fn=as_from_a_terminal,
-        )  # fmt: skip
-    return up, output
+    return start_tally_up(state_dir, up_environ(state_dir))
 
 
 def poll(condition: Callable[[], bool], what: str, up: subprocess.Popen[bytes]) -> None:
@@ -171,7 +163,7 @@ def test_services_restart_after_sigkill_and_every_event_lands_once(state_dir: Pa
         assert status.returncode == 0, status.stdout + status.stderr
         shown = orjson.loads(status.stdout)
         restarts = {s["name"]: s["restarts"] for s in shown["services"]}
-        assert restarts == {"sink": 1, "worker": 1, "collector": 0}
+        assert restarts == {"sink": 1, "worker": 1, "collector": 0, "dashboard": 0}
         sessions = {e.session_id for e in events[:sent] if e.session_id}
         assert shown["rows"].pop("session_summary_events") <= len(sessions)
         assert sum(shown["rows"].values()) == sent
