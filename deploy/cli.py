@@ -58,7 +58,9 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
         raise SettingsError("TALLY_KAFKA_BOOTSTRAP: the worker needs a Kafka cluster")
     config = stream_config(settings, settings.kafka_bootstrap)
     metrics = new_stream_metrics()
-    app = create_app(config, CurrentLookups(settings), metrics)
+    lookups = CurrentLookups(settings)
+    metrics.active_key_age.set_function(lookups.active_key_age_s)
+    app = create_app(config, lookups, metrics)
     if settings.worker_metrics_port:
         serve_metrics(
             metrics.registry,

@@ -175,6 +175,8 @@ class CurrentLookups:
         self._watched = settings.hmac_key is None
         self._signature = file_signature(settings.hmac_key_path) if self._watched else None
         self._active = settings.hmac_keys()[0]
+        self._active_created_s = self._ring_created_s() if self._watched else None
+        self._wall_clock = wall_clock
         try:
             self._daily = DailyKeyStore(
                 settings.daily_keys_path, settings.allowed_lateness_s, clock=wall_clock
@@ -221,7 +223,22 @@ class CurrentLookups:
         if active.key_id != self._active.key_id:
             log.info("key ring reloaded: new events are pseudonymized with %s", active.key_id)
         self._active = active
+        self._active_created_s = self._ring_created_s()
         self._lookups = self._build()
+
+    def _ring_created_s(self) -> float | None:
+        try:
+            created = read_key_ring(self._settings.hmac_key_path)[0].created_s
+        except KeyRingError:
+            return None
+        return None if created is None else float(created)
+
+    def active_key_age_s(self) -> float:
+        """How old the active key is (NaN when its ring line has no creation time): an alert
+        can ask for a rotation."""
+        if self._active_created_s is None:
+            return float("nan")
+        return self._wall_clock() - self._active_created_s
 
     def _destroy_finished_days(self) -> None:
         """Destroy the anonymous keys of days past lateness; a failure is logged once (until

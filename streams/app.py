@@ -195,6 +195,13 @@ def create_app(
             futures.append(await topic.send(key=outgoing.key, value=outgoing.value))
         return futures
 
+    def raw_highwater(partition: int) -> int | None:
+        try:
+            end: int | None = app.consumer.highwater(TP(config.topics.raw, partition))
+        except Exception:  # no fetch yet, or a rebalance took the partition: no figure
+            return None
+        return end
+
     @app.agent(raw, name="validate_and_enrich")
     async def validate_and_enrich_agent(stream: Any) -> None:
         nonlocal indexed
@@ -220,8 +227,10 @@ def create_app(
                 table_writes: list[TableWrite] = []
                 summarized = 0
                 lookups = current_lookups()
+                positions: dict[int, int] = {}
                 for event in batch:
                     message = event.message
+                    positions[message.partition] = message.offset
                     origin = Origin(
                         message.topic,
                         message.partition,
@@ -250,6 +259,7 @@ def create_app(
                 metrics.recent_event_ids.set(len(recent))
             metrics.batch_seconds.observe(time.perf_counter() - started)
             metrics.count_batch(len(batch), counted, summarized)
+            metrics.record_positions(positions, raw_highwater)
             alarm = refusals.record(counted)
             metrics.dead_letter_limit_tripped.set(refusals.tripped)
             if alarm is not None:

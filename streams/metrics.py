@@ -9,7 +9,7 @@ first refusal.
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -34,6 +34,18 @@ class StreamMetrics:
     open_sessions: Gauge
     recent_event_ids: Gauge
     batch_seconds: Histogram
+    consumer_lag: Gauge
+    active_key_age: Gauge
+
+    def record_positions(
+        self, positions: dict[int, int], highwater: Callable[[int], int | None]
+    ) -> None:
+        """Each partition's lag behind the broker after a batch: its high watermark (as of the
+        last fetch) less the next offset to read."""
+        for partition, offset in positions.items():
+            end = highwater(partition)
+            if end is not None:
+                self.consumer_lag.labels(str(partition)).set(max(end - offset - 1, 0))
 
     def count_batch(
         self, messages: int, reasons: Iterable[ReasonCode | None], summaries: int
@@ -94,6 +106,17 @@ def new_stream_metrics() -> StreamMetrics:
             "tally_stream_batch_seconds",
             "Time to judge a batch and have its output acknowledged",
             buckets=_BATCH_BUCKETS,
+            registry=registry,
+        ),
+        consumer_lag=Gauge(
+            "tally_stream_consumer_lag",
+            "Raw records not yet read, by partition (as of the last fetch)",
+            ["partition"],
+            registry=registry,
+        ),
+        active_key_age=Gauge(
+            "tally_stream_active_key_age_seconds",
+            "Age of the key ring's active key (NaN when the ring does not say)",
             registry=registry,
         ),
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from deploy.dashboard.pipeline import samples
 from deploy.services.ports import free_ports
 from deploy.settings import load_settings
 from deploy.wiring import open_reader, topic_names
@@ -26,6 +27,15 @@ pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 STOP_DEADLINE_S = 60.0
 SPAN_MS = 5 * 3600 * 1000
 """Five hours of client time, so the charts have several hourly points."""
+
+
+def scraped(url: str) -> list[tuple[str, float]]:
+    """A /metrics page's samples as ``name{labels}`` and value."""
+    with urllib.request.urlopen(url, timeout=10) as page:
+        return [
+            (name + (str(sorted(labels.items())) if labels else ""), value)
+            for name, labels, value in samples(page.read().decode())
+        ]
 
 
 def rollups_filled(environ: dict[str, str]) -> bool:
@@ -134,6 +144,10 @@ def test_the_dashboard_draws_every_chart_from_this_run(state_dir: Path) -> None:
         with urllib.request.urlopen(f"{origin}/metrics", timeout=10) as page_metrics:
             text = page_metrics.read().decode()
         assert 'tally_service_restarts_total{service="sink"} 0.0' in text
+        worker = dict(scraped(f"http://127.0.0.1:{worker_port}/metrics"))
+        assert 0 <= worker["tally_stream_active_key_age_seconds"] < 600, "a key made for the run"
+        lags = [v for k, v in worker.items() if k.startswith("tally_stream_consumer_lag[")]
+        assert lags and all(lag >= 0 for lag in lags), "no partition's lag exposed"
     finally:
         stop_and_wait(up, signal.SIGINT, STOP_DEADLINE_S)
     assert up.returncode == 0, output.read_text()[-3000:]
