@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from deploy.interrupts import (
@@ -353,6 +354,26 @@ def _erase(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(settings: Settings, args: argparse.Namespace) -> int:
+    import time
+
+    import orjson
+
+    from deploy.bench import BenchOptions, run_bench
+
+    if args.rate < 0 or args.seconds <= 0 or args.connections < 1:
+        raise SettingsError("tally bench: --rate >= 0, --seconds > 0 and --connections >= 1")
+    out = args.out or settings.state_dir / "bench" / time.strftime("%Y%m%d-%H%M%S")
+    result = run_bench(
+        settings, BenchOptions(args.rate, args.seconds, out, connections=args.connections)
+    )
+    figures = {key: result[key] for key in ("events_per_s", "latency_s",
+               "processes_peak_rss_mb", "kafka_pass_through", "ratio_to_kafka_pass_through",
+               "goals", "files")}  # fmt: skip
+    print(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
 def _report(settings: Settings, args: argparse.Namespace) -> int:
     from datetime import UTC, datetime, timedelta
 
@@ -449,6 +470,24 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "topics", help="create Tally's topics on the configured cluster and hold them to spec"
     ).set_defaults(handler=_topics)
+    bench = sub.add_parser(
+        "bench", help="the whole pipeline under load through the collector: JSON and a plot"
+    )
+    bench.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="events/s to offer (default 0: as fast as the collector answers)",
+    )
+    bench.add_argument("--seconds", type=float, default=30.0, help="how long to send")
+    bench.add_argument("--connections", type=int, default=8, help="HTTP connections")
+    bench.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for bench.json and bench.png (default: state_dir/bench/...)",
+    )
+    bench.set_defaults(handler=_bench)
     report = sub.add_parser("report", help="the service-quality report, through the analyst views")
     report.add_argument("--hours", type=float, default=24.0, help="the window (default 24)")
     report.add_argument("--format", choices=("text", "json", "csv"), default="text")

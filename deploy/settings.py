@@ -155,7 +155,10 @@ class Settings:
     in Kafka, within its retention, rather than flood the dead-letter topic while a broken
     release is rolled back); 0: never pause."""
     sink_batch_size: int = 5000
-    sink_batch_interval_s: float = 1.0
+    sink_batch_interval_s: float = 0.5
+    """The longest a sink holds rows before inserting them: most of an event's way to being
+    queryable (`tally bench` at 5,000 events/s: p99 2.3 s at 1 s, 1.6 s at 0.5 s), against
+    two inserts a second per table, well within what MergeTree merges."""
     analyst_min_users: int = 10
     """Small-count suppression: an analyst view hides (folds into ``other``) any group with
     fewer distinct users than this."""

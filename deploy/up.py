@@ -12,6 +12,7 @@ ClickHouse the sink process owns the data folder and answers `tally status` and
 import contextlib
 import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,8 +28,7 @@ from deploy.services.supervisor import (
     Supervisor,
 )
 from deploy.settings import Settings, settings_environ
-from deploy.wiring import open_backend, topic_specs
-from sinks.migrations import apply_migrations
+from deploy.wiring import topic_specs
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,17 @@ def run_up(settings: Settings, policy: RestartPolicy = DEFAULT_RESTART_POLICY) -
     """Run until SIGINT or SIGTERM (exit 0 once everything stopped) or until a service keeps
     dying (exit 1 with one line naming it and its log)."""
     try:
-        with contextlib.closing(open_backend(settings)) as backend:
-            # closed before the sink opens embedded ClickHouse
-            apply_migrations(backend, settings.analyst_min_users)
+        # In a process of its own: embedded ClickHouse would stay loaded here (265 MB) for
+        # as long as `tally up` runs, and the sink could not open its folder.
+        migrated = subprocess.run(
+            [sys.executable, "-m", "deploy.cli", "migrate"],
+            env={**os.environ, **settings_environ(settings)}, capture_output=True, text=True,
+            check=False,
+        )  # fmt: skip
+        if migrated.returncode != 0:
+            lines = (migrated.stderr or migrated.stdout).strip().splitlines() or ["no output"]
+            print(f"tally up: migrations failed: {lines[-1]}", file=sys.stderr)
+            return 1
         with contextlib.ExitStack() as stack:
             bootstrap = stack.enter_context(kafka_for(settings))
             ensure_topics(bootstrap, topic_specs(settings))
