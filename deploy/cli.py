@@ -298,13 +298,18 @@ def _clickhouse(settings: Settings, args: argparse.Namespace) -> int:
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     from deploy.wiring import open_backend
+    from sinks.backends import ClickHouseError
     from sinks.migrations import apply_migrations
 
-    backend = open_backend(settings)
     try:
-        applied = apply_migrations(backend, settings.analyst_min_users)
-    finally:
-        backend.close()
+        backend = open_backend(settings)
+        try:
+            applied = apply_migrations(backend, settings.analyst_min_users)
+        finally:
+            backend.close()
+    except ClickHouseError as err:
+        print(f"tally migrate: {err}", file=sys.stderr)
+        return 1
     print(f"applied migrations: {applied or 'none (up to date)'}")
     print(f"analyst views made afresh: groups under {settings.analyst_min_users} users hidden")
     return 0

@@ -12,7 +12,6 @@ ClickHouse the sink process owns the data folder and answers `tally status` and
 import contextlib
 import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 from deploy.interrupts import Interrupted, raise_if_interrupted
 from deploy.kafka import ensure_topics
 from deploy.run import kafka_for
+from deploy.services.process import log_tail, spawn_child, stop_child
 from deploy.services.supervisor import (
     DEFAULT_RESTART_POLICY,
     ChildSpec,
@@ -53,20 +53,30 @@ def service_specs(settings: Settings, bootstrap: str) -> list[ChildSpec]:
     ]
 
 
+def apply_migrations_in_child(settings: Settings) -> bool:
+    """`tally migrate` in a process of its own: embedded ClickHouse would otherwise stay
+    loaded in `tally up` (265 MB) for as long as it runs. False, with one line, on failure."""
+    log_path = settings.state_dir / "logs" / "migrate.log"
+    child = spawn_child(
+        [sys.executable, "-m", "deploy.cli", "migrate"], log_path=log_path,
+        env={**os.environ, **settings_environ(settings)},
+    )  # fmt: skip
+    try:
+        status = child.wait()
+    finally:
+        stop_child(child)  # an interrupt while it runs
+    if status != 0:
+        print(f"tally up: migrations failed; see {log_path}{log_tail(log_path, 1)}",
+              file=sys.stderr)  # fmt: skip
+        return False
+    return True
+
+
 def run_up(settings: Settings, policy: RestartPolicy = DEFAULT_RESTART_POLICY) -> int:
     """Run until SIGINT or SIGTERM (exit 0 once everything stopped) or until a service keeps
     dying (exit 1 with one line naming it and its log)."""
     try:
-        # In a process of its own: embedded ClickHouse would stay loaded here (265 MB) for
-        # as long as `tally up` runs, and the sink could not open its folder.
-        migrated = subprocess.run(
-            [sys.executable, "-m", "deploy.cli", "migrate"],
-            env={**os.environ, **settings_environ(settings)}, capture_output=True, text=True,
-            check=False,
-        )  # fmt: skip
-        if migrated.returncode != 0:
-            lines = (migrated.stderr or migrated.stdout).strip().splitlines() or ["no output"]
-            print(f"tally up: migrations failed: {lines[-1]}", file=sys.stderr)
+        if not apply_migrations_in_child(settings):
             return 1
         with contextlib.ExitStack() as stack:
             bootstrap = stack.enter_context(kafka_for(settings))

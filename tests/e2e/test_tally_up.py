@@ -211,3 +211,20 @@ def test_interrupts_at_random_moments_leave_no_process(state_dir: Path):
         assert up.returncode in (0, 128 + signum, -signum), (attempt, delay, log[-3000:])
         left = processes_under(state_dir)
         assert not left, (attempt, delay, left, log[-3000:])
+
+
+def test_migrations_that_cannot_reach_clickhouse_stop_it_with_one_reason(state_dir: Path):
+    """The migrations run in a child of `tally up` (so the engine never loads in the
+    supervisor); when ClickHouse cannot be reached they fail, and `tally up` exits 1 naming
+    the cause, having started nothing."""
+    port = free_ports(1)[0]  # nothing listens there
+    environ = {**tally_environ(state_dir), "TALLY_CLICKHOUSE_BACKEND": "server",
+               "TALLY_CLICKHOUSE_PORT": str(port)}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "deploy.cli", "up"], env=environ, capture_output=True, text=True,
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "tally up: migrations failed" in done.stderr
+    assert f"cannot reach ClickHouse at 127.0.0.1:{port}" in done.stderr
+    assert not processes_under(state_dir)

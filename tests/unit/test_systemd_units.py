@@ -16,7 +16,7 @@ from deploy.cli import _parser
 from deploy.settings import Settings, load_settings
 
 SYSTEMD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
-UNITS = ("tally-worker", "tally-sink", "tally-collector", "tally-up")
+UNITS = ("tally-worker", "tally-sink", "tally-collector", "tally-dashboard", "tally-up")
 TALLY = "/opt/tally/.venv/bin/tally"
 STATE_DIR = "/var/lib/tally"
 LATER = "ARRIVES WITH THE"
