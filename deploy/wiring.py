@@ -109,13 +109,9 @@ def open_reader(settings: Settings) -> ClickHouseBackend:
     Raises EmbeddedInUseError when a process owns embedded ClickHouse but does not answer
     (a sink starting or restarting): try again shortly.
     """
-    from sinks.query_service import RemoteClickHouse
-
-    connection = query_service_file(settings)
-    if settings.clickhouse_backend == "embedded" and connection.exists():
-        found = orjson.loads(connection.read_bytes())
-        remote = RemoteClickHouse(found["url"], found["token"], settings.clickhouse_database)
-        if remote.answers():
+    if settings.clickhouse_backend == "embedded":
+        remote = _through_the_sink(settings)
+        if remote is not None:
             return remote
     return open_backend(settings)
 
@@ -125,17 +121,25 @@ def open_shared_reader(settings: Settings) -> ClickHouseBackend:
     sink out of its folder): raises EmbeddedInUseError until the sink's query service
     answers."""
     from sinks.backends import EmbeddedInUseError
-    from sinks.query_service import RemoteClickHouse
 
     if settings.clickhouse_backend != "embedded":
         return open_backend(settings)
-    connection = query_service_file(settings)
+    remote = _through_the_sink(settings)
+    if remote is None:
+        raise EmbeddedInUseError(None, "the sink's query service is not answering yet")
+    return remote
+
+
+def _through_the_sink(settings: Settings) -> ClickHouseBackend | None:
+    """The sink's query service over embedded ClickHouse, if it runs and answers."""
+    from sinks.query_service import RemoteClickHouse
+
     with contextlib.suppress(OSError, orjson.JSONDecodeError, KeyError):
-        found = orjson.loads(connection.read_bytes())
+        found = orjson.loads(query_service_file(settings).read_bytes())
         remote = RemoteClickHouse(found["url"], found["token"], settings.clickhouse_database)
         if remote.answers():
             return remote
-    raise EmbeddedInUseError(None, "the sink's query service is not answering yet")
+    return None
 
 
 def open_writer(settings: Settings, *, wait_s: float = 30.0) -> ClickHouseBackend:

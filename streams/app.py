@@ -219,6 +219,7 @@ def create_app(
                     recent.rebuild(recent_table.data.items(), owned)
                     sessions.rebuild(sessions_table.data.items(), owned, now_ms)
                     indexed = owned
+                    metrics.keep_lag_of(owned)
                     log.info("tables recovered for partitions %s: %d recent event ids, %d "
                              "sessions", sorted(owned), len(recent), len(sessions))  # fmt: skip
                 leaving: list[Outcome] = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -36,6 +36,7 @@ class StreamMetrics:
     batch_seconds: Histogram
     consumer_lag: Gauge
     active_key_age: Gauge
+    lag_partitions: set[int] = field(default_factory=set)
 
     def record_positions(
         self, positions: dict[int, int], highwater: Callable[[int], int | None]
@@ -46,6 +47,13 @@ class StreamMetrics:
             end = highwater(partition)
             if end is not None:
                 self.consumer_lag.labels(str(partition)).set(max(end - offset - 1, 0))
+                self.lag_partitions.add(partition)
+
+    def keep_lag_of(self, owned: set[int]) -> None:
+        """Drop the lag of partitions a rebalance took away: another worker reports them."""
+        for partition in self.lag_partitions - owned:
+            self.consumer_lag.remove(str(partition))
+        self.lag_partitions.intersection_update(owned)
 
     def count_batch(
         self, messages: int, reasons: Iterable[ReasonCode | None], summaries: int

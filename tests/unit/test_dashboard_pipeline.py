@@ -35,3 +35,16 @@ def test_rates_lags_and_refusals_between_scrapes():
     assert series["columns"]["sink_lag"] == [None, None]
     assert series["columns"]["refused_too_large_per_s"] == [0.2, 0.0]
     assert series["columns"]["refused_duplicate_per_s"] == [0.0, 0.0]
+
+
+def test_a_partition_taken_by_a_rebalance_stops_reporting_lag():
+    from prometheus_client import generate_latest
+
+    from streams.metrics import new_stream_metrics
+
+    metrics = new_stream_metrics()
+    metrics.record_positions({0: 10, 1: 20}, lambda partition: 100)
+    metrics.keep_lag_of({1})
+    page = generate_latest(metrics.registry).decode()
+    assert 'tally_stream_consumer_lag{partition="1"} 79.0' in page
+    assert 'partition="0"' not in page
