@@ -115,9 +115,8 @@ def stream_worker(settings: Settings, bootstrap: str) -> Iterator[subprocess.Pop
                 [sys.executable, "-m", "deploy.cli", "worker"], log_path=log_path, env=env
             )
         log.info("stream worker started (pid %d, log %s)", worker.pid, log_path)
-        # The replay starts once the worker has its partitions: a raw message that arrives
-        # while a worker's table recovery ends has been seen lost (see streams/README.md).
-        # (Its log says so at INFO: a quieter log level skips the wait.)
+        # The caller goes on once the worker has its partitions and has recovered its
+        # tables. (Its log says so at INFO: a quieter log level skips the wait.)
         deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
         logs_ready = logging.getLevelName(settings.log_level.upper()) <= logging.INFO
         while logs_ready and WORKER_READY not in _log_since(log_path, logged_before):

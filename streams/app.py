@@ -102,6 +102,30 @@ def seek_uncommitted_partitions_to_their_start(app: faust.App, topic: str) -> No
     consumer.seek_to_committed = seek_to_committed_or_start  # type: ignore[method-assign]
 
 
+def stop_delivering_before_the_seek(app: faust.App) -> None:
+    """Stop the consumer's flow before Faust seeks the stream partitions to their committed
+    offsets when a table recovery ends; Faust resumes it once it has dropped what was fetched
+    before.
+
+    Faust resumes the stream partitions, then seeks, then clears the streams' queues
+    (``flow_control.resume``), then resumes the flow (faust/tables/recovery.py,
+    ``on_recovery_completed``). A message fetched and delivered after the seek but before
+    that clear marked its offset read and was then dropped from the queue: when the same
+    partition is fetched again from the seek, every offset below the highest dropped one is
+    skipped as already read. With the flow stopped nothing is delivered in between, and what
+    a fetch returns while it is stopped makes Faust seek back to the committed offsets again
+    (``Consumer.getmany``). Seen as one lost raw message in a worker start while events
+    flowed (streams/README.md); tests/integration/test_worker_restarts_under_flow.py."""
+    consumer = cast(ThreadDelegateConsumer, app.consumer)
+    perform_seek = consumer.perform_seek
+
+    async def perform_seek_with_flow_stopped() -> None:
+        consumer.stop_flow()
+        await perform_seek()
+
+    consumer.perform_seek = perform_seek_with_flow_stopped  # type: ignore[method-assign]
+
+
 def create_app(
     config: StreamConfig,
     current_lookups: Callable[[], Lookups],
@@ -129,6 +153,7 @@ def create_app(
     )
     raw = app.topic(config.topics.raw, key_serializer="raw", value_serializer="raw")
     seek_uncommitted_partitions_to_their_start(app, config.topics.raw)
+    stop_delivering_before_the_seek(app)
     enriched = app.topic(config.topics.enriched, key_serializer="raw", value_serializer="raw")
     dead = app.topic(config.topics.dead, key_serializer="raw", value_serializer="raw")
     destinations = {"enriched": enriched, "dead": dead}
@@ -152,9 +177,12 @@ def create_app(
     recent_table = changelogged_table("recent-event-ids", config.topics.recent_event_ids_changelog)
     sessions = OpenSessions(config.session_rules)
     sessions_table = changelogged_table("sessions", config.topics.sessions_changelog)
-    indexed: set[int] | None = None
-    """The raw partitions ``recent`` and ``sessions`` were last rebuilt for: after a
-    rebalance or a restart they are rebuilt from the recovered tables before the next batch."""
+    recoveries = 0
+    """Table recoveries completed: one at the start, then one after every rebalance."""
+    indexed_after: int | None = None
+    """The recovery ``recent`` and ``sessions`` were last rebuilt after. Once a recovery
+    completes they are rebuilt from the recovered tables before the next batch or timer, so
+    a worker that has no traffic still drops the sessions of partitions it gave up."""
     state_lock = asyncio.Lock()
     """Held while a batch or a timer changes the tables, so neither sees half of the other."""
 
@@ -162,6 +190,25 @@ def create_app(
         return {
             tp.partition for tp in app.assignor.assigned_actives() if tp.topic == config.topics.raw
         }
+
+    @app.on_rebalance_complete.connect  # type: ignore[arg-type]
+    async def count_recovery(sender: Any, *args: Any, **kwargs: Any) -> None:
+        """Sent once the active tables hold their changelogs, before the streams resume."""
+        nonlocal recoveries
+        recoveries += 1
+
+    def rebuild_after_recovery(now_ms: int) -> None:
+        """Rebuild ``recent`` and ``sessions`` for the partitions owned now, once a recovery."""
+        nonlocal indexed_after
+        if indexed_after == recoveries:
+            return
+        owned = owned_partitions()
+        recent.rebuild(recent_table.data.items(), owned)
+        sessions.rebuild(sessions_table.data.items(), owned, now_ms)
+        indexed_after = recoveries
+        metrics.keep_lag_of(owned)
+        log.info("tables recovered for partitions %s: %d recent event ids, %d sessions",
+                 sorted(owned), len(recent), len(sessions))  # fmt: skip
 
     async def send_table_writes(table: Any, writes: list[TableWrite]) -> None:
         """Each write into the table's changelog, acknowledged by the broker.
@@ -204,7 +251,6 @@ def create_app(
 
     @app.agent(raw, name="validate_and_enrich")
     async def validate_and_enrich_agent(stream: Any) -> None:
-        nonlocal indexed
         async for batch in stream.take_events(config.batch_size, within=config.batch_within_s):
             # Faust resumes the stream partitions, and may deliver messages, before it seeks
             # them back to the committed offsets when table recovery ends
@@ -213,15 +259,8 @@ def create_app(
             await app.tables.recovery.completed.wait()  # type: ignore[attr-defined]
             started = time.perf_counter()
             async with state_lock:
-                owned = owned_partitions()
                 now_ms = int(time.time() * 1000)
-                if owned != indexed:
-                    recent.rebuild(recent_table.data.items(), owned)
-                    sessions.rebuild(sessions_table.data.items(), owned, now_ms)
-                    indexed = owned
-                    metrics.keep_lag_of(owned)
-                    log.info("tables recovered for partitions %s: %d recent event ids, %d "
-                             "sessions", sorted(owned), len(recent), len(sessions))  # fmt: skip
+                rebuild_after_recovery(now_ms)
                 leaving: list[Outcome] = []
                 pending: list[Any] = []
                 counted: list[ReasonCode | None] = []
@@ -278,9 +317,10 @@ def create_app(
     async def close_silent_sessions_and_forget_old_ids() -> None:
         current_lookups()  # an idle worker destroys a past day's anonymous key on time too
         async with state_lock:
-            if indexed is None:
-                return
+            if app.rebalancing or recoveries == 0:
+                return  # the tables are being recovered: the sessions held may not be ours
             now_ms = int(time.time() * 1000)
+            rebuild_after_recovery(now_ms)
             summaries = sessions.expire(now_ms)
             if summaries:
                 outgoing = outgoing_messages([summary_outcome(s) for s in summaries])

@@ -3,7 +3,11 @@ while calls go on, and every call is still summarized once, with every sample on
 
 A worker's tables live in its memory while it runs and in their changelogs; a worker that is
 given a partition rebuilds that partition's sessions from the recovered table. This test
-holds that path, where the changelog, not the worker that wrote it, carries the state."""
+holds that path, where the changelog, not the worker that wrote it, carries the state.
+
+No event is sent while partitions move: a worker must rebuild its sessions once recovery
+ends, not only when the next batch comes (which made this test wait on a replay that a
+timely commit avoids, and time out)."""
 
 import re
 import time
